@@ -1,0 +1,52 @@
+"""Shared fixtures: a private tint cache holding the tiny synthetic zoo, built once."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from tintcli.paths import CONF_DIR
+
+TINY = ["encoder=synth_vit_tiny", "tasks=synth_tiny"]
+
+
+def compose_config(name: str = "merge", overrides: list[str] | None = None):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(name, overrides=[*TINY, *(overrides or [])])
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """TINT_CACHE for the whole session, with the tiny zoo already built in it."""
+    from tintcli.tasks import task_names
+    from tintcli.zoo import ensure_zoo
+
+    cache = tmp_path_factory.mktemp("tint-cache")
+    previous = os.environ.get("TINT_CACHE")
+    os.environ["TINT_CACHE"] = str(cache)
+    cfg = compose_config()
+    ensure_zoo(cfg.encoder, cfg.tasks, task_names(cfg.tasks), torch.device("cpu"))
+    yield cache
+    if previous is None:
+        os.environ.pop("TINT_CACHE", None)
+    else:
+        os.environ["TINT_CACHE"] = previous
+
+
+@pytest.fixture
+def run_tint(tiny_cache, tmp_path):
+    """Run the installed `tint` command as a user would, in a scratch working folder."""
+    exe = shutil.which("tint", path=str(Path(sys.executable).parent))
+    prefix = [exe] if exe else [sys.executable, "-m", "tintcli.cli"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        env = {**os.environ, "TINT_CACHE": str(tiny_cache), "COLUMNS": "200"}
+        return subprocess.run([*prefix, *args], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    return run

@@ -1,0 +1,122 @@
+"""`tint` end to end through its command line, as a researcher would run it."""
+
+import json
+
+from conftest import TINY
+from safetensors.torch import load_file
+
+
+def test_help_lists_the_subcommands(run_tint):
+    out = run_tint("--help")
+    assert out.returncode == 0
+    assert "merge" in out.stdout and "zoo build" in out.stdout
+
+
+def test_merge_runs_the_table_and_records_everything(run_tint, tmp_path):
+    run_dir = tmp_path / "run"
+    out = run_tint("merge", *TINY, f"hydra.run.dir={run_dir}", "save_merged=true")
+    assert out.returncode == 0, out.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    names = [row["name"] for row in results["rows"]]
+    assert names == ["zero-shot", "experts", "weight_averaging", "task_arithmetic λ=0.3",
+                     "ties top_k=20 merge=sum λ=0.3"]
+    for row in results["rows"]:
+        assert set(row["accuracy"]) == {"signs", "digits", "textures"}
+        assert abs(row["average"] - sum(row["accuracy"].values()) / 3) < 1e-9
+    experts = results["rows"][1]
+    assert experts["normalized_average"] == 1.0
+    assert results["config"]["method"]["methods"]["ties"]["top_k"] == 20
+    assert results["seed"] == 0 and results["versions"]["torch"]
+    assert set(results["checkpoints"]["experts"]) == {"signs", "digits", "textures"}
+    assert len(results["realism"]["task_arithmetic_sweep"]) == 10
+    assert (run_dir / ".hydra" / "config.yaml").exists()
+    for label in ("zero-shot", "experts", "weight_averaging", "ties", "benchmark realism"):
+        assert label in out.stdout
+    merged = load_file(run_dir / "merged" / "ties.safetensors")
+    assert "blocks.0.attn.qkv.weight" in merged
+
+    # a rerun into the same directory must not clobber the finished run
+    before = (run_dir / "results.json").read_bytes()
+    again = run_tint("merge", *TINY, f"hydra.run.dir={run_dir}")
+    assert again.returncode == 2
+    assert again.stderr.splitlines()[0].startswith("error: ")
+    assert "already exists" in again.stderr.splitlines()[0]
+    assert (run_dir / "results.json").read_bytes() == before
+
+
+def test_single_method_matches_the_python_api(run_tint, tmp_path, tiny_cache):
+    import torch
+    from conftest import compose_config
+
+    from tintcli.encoders import build_encoder
+    from tintcli.evaluation import evaluate_state
+    from tintcli.merging import task_arithmetic_merge
+    from tintcli.tasks import task_names
+    from tintcli.zoo import ensure_zoo, test_sets
+
+    out = run_tint("merge", *TINY, "method=task_arithmetic", "method.lam=0.7",
+                   f"hydra.run.dir={tmp_path / 'ta'}")
+    assert out.returncode == 0, out.stderr
+    row = json.loads((tmp_path / "ta" / "results.json").read_text())["rows"][-1]
+    assert row["name"] == "task_arithmetic λ=0.7"
+
+    cfg = compose_config()
+    tasks = task_names(cfg.tasks)
+    zoo = ensure_zoo(cfg.encoder, cfg.tasks, tasks, torch.device("cpu"))
+    pre = zoo.pretrained()
+    merged = task_arithmetic_merge(pre, {t: zoo.expert(t, pre) for t in tasks}, lam=0.7)
+    acc = evaluate_state(build_encoder(cfg.encoder), merged, {t: zoo.head(t) for t in tasks},
+                         test_sets(cfg.encoder, cfg.tasks, tasks), torch.device("cpu"))
+    assert row["accuracy"] == acc
+
+
+def test_multirun_sweep_prints_and_writes_a_summary(run_tint, tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_tint("merge", "-m", *TINY, "method=task_arithmetic", "method.lam=0.1,0.9",
+                   f"hydra.sweep.dir={sweep}")
+    assert out.returncode == 0, out.stderr
+    summary = json.loads((sweep / "sweep.json").read_text())
+    assert [job["rows"][0]["params"]["lam"] for job in summary["jobs"]] == [0.1, 0.9]
+    assert "sweep summary" in out.stdout
+    assert (sweep / "0" / "results.json").exists() and (sweep / "1" / "results.json").exists()
+
+
+def test_cfg_job_prints_the_composed_config_without_running(run_tint, tmp_path):
+    out = run_tint("merge", *TINY, "method=ties", "method.merge=mean", "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+    assert "merge: mean" in out.stdout and "name: synth_tiny" in out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+def _first_line(out):
+    return out.stderr.strip().splitlines()[0]
+
+
+def test_unknown_task_is_a_one_line_error(run_tint):
+    out = run_tint("merge", *TINY, "tasks.names=[digits,nope]")
+    assert out.returncode == 2
+    assert _first_line(out) == "error: unknown task 'nope' in tasks 'synth_tiny'"
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_method_and_bad_override_are_clear(run_tint):
+    out = run_tint("merge", *TINY, "method=nope")
+    assert out.returncode != 0
+    assert "Could not find 'method/nope'" in _first_line(out)
+    assert "Traceback" not in out.stderr
+    out = run_tint("merge", *TINY, "method=ties", "method.lamda=0.5")
+    assert out.returncode != 0
+    assert "Could not override 'method.lamda'" in _first_line(out)
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_command(run_tint):
+    out = run_tint("mrege")
+    assert out.returncode == 2
+    assert _first_line(out) == "error: unknown command 'mrege'; tint has: merge, zoo build"
+
+
+def test_zoo_build_reports_realism(run_tint):
+    out = run_tint("zoo", "build", *TINY)
+    assert out.returncode == 0, out.stderr
+    assert "benchmark realism" in out.stdout and "zero-shot" in out.stdout

@@ -1,0 +1,86 @@
+"""The tiny synthetic zoo: built once, reused from cache, validated on load."""
+
+import json
+
+import pytest
+import torch
+from conftest import compose_config
+from rich.console import Console
+
+from tintcli.errors import TintError
+from tintcli.tasks import task_names
+from tintcli.zoo import ensure_zoo, zoo_root
+
+
+def _zoo(overrides=None, console=None):
+    cfg = compose_config(overrides=overrides)
+    zoo = ensure_zoo(cfg.encoder, cfg.tasks, task_names(cfg.tasks), torch.device("cpu"),
+                     console or Console(quiet=True))
+    return cfg, zoo
+
+
+def test_tiny_zoo_is_complete_and_really_trained(tiny_cache):
+    cfg, zoo = _zoo()
+    assert zoo.tasks == ["signs", "digits", "textures"]
+    pretrained = zoo.pretrained()
+    for task in zoo.tasks:
+        expert = zoo.expert(task, pretrained)
+        moved = sum((expert[k] - pretrained[k]).abs().sum() for k in pretrained)
+        assert moved > 0  # fine-tuning changed the encoder
+        head = zoo.head(task)
+        assert head.weight.shape[0] == {"signs": 24, "digits": 10, "textures": 20}[task]
+        assert torch.allclose(head.weight.norm(dim=1), torch.full((head.weight.shape[0],), 100.0))
+    manifest = json.loads((zoo_root(cfg.encoder) / "manifest.json").read_text())
+    assert manifest["pretrained"]["sha256"] == zoo.pretrained_sha256
+
+
+def test_second_use_reuses_the_cache(tiny_cache):
+    cfg, _ = _zoo()
+    files = sorted(zoo_root(cfg.encoder).rglob("*.safetensors"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    console = Console(record=True, width=120)
+    _zoo(console=console)
+    assert "Building" not in console.export_text()
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+
+
+def test_changed_recipe_builds_only_what_it_decides(tiny_cache):
+    cfg, zoo = _zoo()
+    console = Console(record=True, width=200)
+    cfg2, zoo2 = _zoo(["encoder.zoo.finetune.steps=3", "tasks.names=[digits]"], console)
+    assert zoo_root(cfg2.encoder) == zoo_root(cfg.encoder)  # same pretrained encoder
+    assert zoo2.pretrained_sha256 == zoo.pretrained_sha256
+    assert zoo2.entries["digits"].expert_sha256 != zoo.entries["digits"].expert_sha256
+    text = console.export_text()
+    assert "(1 expert(s))" in text and "pretraining" not in text
+
+
+def test_corrupt_or_missing_checkpoints_fail_clearly(tiny_cache, tmp_path):
+    _, zoo = _zoo()
+    path = zoo.entries["digits"].expert_file
+    original = path.read_bytes()
+    try:
+        path.write_bytes(original[:100])
+        with pytest.raises(TintError, match="corrupt checkpoint for expert 'digits'"):
+            zoo.expert("digits")
+        path.unlink()
+        with pytest.raises(TintError, match="missing checkpoint for expert 'digits'"):
+            zoo.expert("digits")
+    finally:
+        path.write_bytes(original)
+    with pytest.raises(TintError, match="no expert for task 'scenes'"):
+        zoo.expert("scenes")
+
+
+def test_an_expert_of_another_architecture_is_refused(tiny_cache):
+    _, zoo = _zoo()
+    pretrained = zoo.pretrained()
+    wrong = dict(pretrained)
+    wrong["norm.weight"] = torch.ones(7)
+    from tintcli.io import check_same_layout
+
+    with pytest.raises(TintError, match=r"norm.weight has shape \(7,\)"):
+        check_same_layout(pretrained, wrong, "expert 'digits'")
+    del wrong["norm.weight"]
+    with pytest.raises(TintError, match="missing \\['norm.weight'\\]"):
+        check_same_layout(pretrained, wrong, "expert 'digits'")

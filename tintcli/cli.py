@@ -1,0 +1,95 @@
+"""The ``tint`` command. Each subcommand that runs experiments is a Hydra app over ``conf/``,
+so overrides, ``--cfg job``, ``--help``, ``-m`` and run directories behave as Hydra users
+expect; this module only picks the app and turns TintErrors into one clear message."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig
+from rich.console import Console
+
+from tintcli.errors import TintError
+from tintcli.paths import CONF_DIR
+
+
+def _merge(cfg: DictConfig, console: Console) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from tintcli.recipes import merge
+
+    hydra_cfg = HydraConfig.get()
+    merge.run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), console)
+
+
+def _zoo_build(cfg: DictConfig, console: Console) -> None:
+    from tintcli.recipes import zoo
+
+    zoo.build(cfg, console)
+
+
+# subcommand words -> (primary config in conf/, one-line help, recipe)
+SUBCOMMANDS: dict[str, tuple[str, str, Callable[[DictConfig, Console], None]]] = {
+    "merge": ("merge", "merge the experts and score the merged encoder on every task", _merge),
+    "zoo build": ("zoo", "build (or find cached) the benchmark zoo and check its realism",
+                  _zoo_build),
+}
+
+
+def fail(err: TintError) -> None:
+    """Print a TintError as `error: <first line>` plus its hints, and exit with status 2."""
+    first, *rest = str(err).splitlines() or ["unknown error"]
+    console = Console(stderr=True, highlight=False)
+    console.print(f"[bold red]error:[/] {first}")
+    for line in rest:
+        console.print(f"  {line}")
+    sys.exit(2)
+
+
+def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], None]):
+    import hydra
+
+    if not (CONF_DIR / f"{config_name}.yaml").is_file():
+        fail(TintError(f"tint's configs are missing: no {config_name}.yaml in {CONF_DIR}\n"
+                       "Install tint from its source tree: pip install -e ."))
+
+    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    def app(cfg: DictConfig) -> None:
+        try:
+            recipe(cfg, Console())
+        except TintError as err:
+            fail(err)
+
+    return app
+
+
+def usage() -> str:
+    lines = ["usage: tint <command> [hydra overrides and flags]", "", "commands:"]
+    lines += [f"  {name:<10} {help_}" for name, (_, help_, _) in SUBCOMMANDS.items()]
+    lines += ["", "Each command is a Hydra app: `tint merge --help` lists its config groups;",
+              "`tint merge method=ties method.lam=0.5`, `tint merge -m method.lam=0.1,0.3`,",
+              "`tint merge --cfg job` prints the composed config."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    for name, (config_name, _, recipe) in SUBCOMMANDS.items():
+        words = name.split()
+        if argv[: len(words)] == words:
+            sys.argv = [f"tint {name}", *argv[len(words):]]
+            _hydra_app(config_name, recipe)()
+            return 0
+    known = ", ".join(SUBCOMMANDS)
+    fail(TintError(f"unknown command '{' '.join(argv[:2]) if argv[0] == 'zoo' else argv[0]}'; "
+                   f"tint has: {known}\nRun `tint --help` for usage."))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

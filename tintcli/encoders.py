@@ -1,0 +1,39 @@
+"""Image encoders: timm models, built from the ``encoder`` config group."""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from tintcli.errors import TintError
+
+
+def build_encoder(encoder_cfg: DictConfig) -> nn.Module:
+    """A timm model that maps images to features (no classifier: ``num_classes=0``)."""
+    import timm
+
+    kwargs = OmegaConf.to_container(encoder_cfg.timm_kwargs, resolve=True) or {}
+    try:
+        return timm.create_model(encoder_cfg.timm_model, pretrained=False, num_classes=0, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise TintError(f"cannot build encoder '{encoder_cfg.name}' with timm model "
+                        f"'{encoder_cfg.timm_model}': {err}") from err
+
+
+def preprocess(images: torch.Tensor, encoder_cfg: DictConfig) -> torch.Tensor:
+    """uint8 pixels [N,H,W,3] -> normalised float [N,3,H,W], as the encoder expects."""
+    mean = torch.tensor(list(encoder_cfg.mean)).view(1, 3, 1, 1)
+    std = torch.tensor(list(encoder_cfg.std)).view(1, 3, 1, 1)
+    x = images.permute(0, 3, 1, 2).float().div_(255)
+    return (x - mean) / std
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TintError(f"device '{name}' was asked for but CUDA is not available here\n"
+                        "Use device=auto or device=cpu.")
+    return torch.device(name)

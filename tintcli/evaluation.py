@@ -1,0 +1,52 @@
+"""Top-1 accuracy of an encoder + head on each task's test split."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from tintcli.io import StateDict
+
+
+@torch.inference_mode()
+def encode(encoder: nn.Module, inputs: torch.Tensor, device: torch.device,
+           batch_size: int = 512) -> torch.Tensor:
+    """Features for preprocessed inputs, batched; returned on the CPU."""
+    encoder.eval()
+    out = [encoder(inputs[i : i + batch_size].to(device)).float().cpu()
+           for i in range(0, len(inputs), batch_size)]
+    return torch.cat(out)
+
+
+@torch.inference_mode()
+def accuracy(encoder: nn.Module, head: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+             device: torch.device, batch_size: int = 512) -> float:
+    head = head.to(device).eval()
+    correct = 0
+    encoder.eval()
+    for i in range(0, len(inputs), batch_size):
+        logits = head(encoder(inputs[i : i + batch_size].to(device)))
+        correct += (logits.argmax(-1).cpu() == labels[i : i + batch_size]).sum().item()
+    return correct / max(len(labels), 1)
+
+
+def evaluate_state(encoder: nn.Module, state: StateDict, heads: Mapping[str, nn.Module],
+                   test_sets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                   device: torch.device) -> dict[str, float]:
+    """Load ``state`` into ``encoder`` and score it on every task with that task's head."""
+    encoder.load_state_dict(state)
+    return {task: accuracy(encoder, heads[task], *test_sets[task], device) for task in test_sets}
+
+
+def summarize(acc: Mapping[str, float], expert_acc: Mapping[str, float]) -> dict:
+    """Average accuracy and normalised accuracy (merged / the task's own expert)."""
+    tasks = list(acc)
+    normalized = {t: acc[t] / expert_acc[t] if expert_acc[t] > 0 else 0.0 for t in tasks}
+    return {
+        "accuracy": dict(acc),
+        "average": sum(acc.values()) / len(tasks),
+        "normalized": normalized,
+        "normalized_average": sum(normalized.values()) / len(tasks),
+    }

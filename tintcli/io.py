@@ -1,0 +1,96 @@
+"""Checkpoint and result files: atomic writes, hashes, and loads that fail clearly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from tintcli.errors import TintError
+
+StateDict = dict[str, torch.Tensor]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able object (configs that decide a cached artefact)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _atomic(path: Path, write) -> None:
+    """Write through a temporary file in the same folder and rename: readers never see half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide shared caches
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, payload: Any) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(payload, f, indent=2, default=str)
+            f.write("\n")
+
+    _atomic(path, write)
+
+
+def save_state_dict(state: Mapping[str, torch.Tensor], path: Path, metadata: dict | None = None):
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+
+
+def load_state_dict(path: Path, what: str, expected_sha256: str | None = None) -> StateDict:
+    """Load a safetensors checkpoint; a missing, altered or unreadable file is a TintError."""
+    path = Path(path)
+    if not path.is_file():
+        raise TintError(f"missing checkpoint for {what}: {path} does not exist\n"
+                        "Rebuild it (`tint zoo build`) or fix the path in the config.")
+    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+        raise TintError(f"corrupt checkpoint for {what}: {path} does not match the sha256 "
+                        "recorded in its manifest\nDelete the folder and run `tint zoo build`.")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise TintError(f"corrupt checkpoint for {what}: {path} is not a readable safetensors "
+                        f"file ({err})") from err
+
+
+def check_same_layout(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
+                      what: str) -> None:
+    """Experts must have exactly the pretrained encoder's keys and shapes to be merged."""
+    missing = sorted(set(reference) - set(other))
+    extra = sorted(set(other) - set(reference))
+    if missing or extra:
+        raise TintError(f"{what} does not match the pretrained encoder's keys: "
+                        f"missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
+                        f"unexpected {extra[:3]}{'…' if len(extra) > 3 else ''}")
+    for key, tensor in reference.items():
+        if other[key].shape != tensor.shape:
+            raise TintError(f"{what} does not match the pretrained encoder: {key} has shape "
+                            f"{tuple(other[key].shape)}, expected {tuple(tensor.shape)}")

@@ -1,0 +1,22 @@
+"""Task arithmetic: theta = theta_0 + lam * sum_k tau_k, lam = 0.3 by default (PAPER.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from tintcli.io import StateDict
+from tintcli.merging import register
+from tintcli.merging.task_vectors import add_task_vector, task_vector
+
+
+@register("task_arithmetic")
+def task_arithmetic_merge(pretrained: Mapping[str, torch.Tensor],
+                          experts: Mapping[str, Mapping[str, torch.Tensor]],
+                          lam: float = 0.3) -> StateDict:
+    total: dict[str, torch.Tensor] = {}
+    for expert in experts.values():
+        for k, v in task_vector(expert, pretrained).items():
+            total[k] = total[k] + v if k in total else v
+    return add_task_vector(pretrained, total, lam)

@@ -1,0 +1,70 @@
+"""TIES-merging (Yadav et al., 2023), exactly as PAPER.md defines it.
+
+1. trim: per task vector, keep the ``top_k`` % entries of largest magnitude, ranked over the
+   whole flattened model, and zero the rest (entries tied with the k-th largest are kept);
+2. elect: per entry, the sign of the sum of the trimmed vectors (mass election); an entry
+   whose sum is zero takes the sign that most entries elected (the official code's
+   "majority" rule);
+3. disjoint merge: over the tasks whose trimmed entry agrees with the elected sign, the
+   ``mean`` (original paper) or the ``sum`` (AdaMerging / FusionBench code);
+then theta = theta_0 + lam * merged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from tintcli.errors import TintError
+from tintcli.io import StateDict
+from tintcli.merging import register
+from tintcli.merging.task_vectors import add_task_vector, task_vector
+
+
+def trim_top_k(vector: Mapping[str, torch.Tensor], top_k: float) -> StateDict:
+    """Keep the top_k % entries by magnitude over all tensors together."""
+    if not 0 <= top_k <= 100:
+        raise TintError(f"TIES top_k must be a percentage in [0, 100], got {top_k}")
+    magnitudes = torch.cat([v.abs().flatten() for v in vector.values()])
+    n = magnitudes.numel()
+    k = max(1, round(n * top_k / 100)) if top_k > 0 else 0
+    if k >= n:
+        return {key: v.clone() for key, v in vector.items()}
+    if k == 0:
+        return {key: torch.zeros_like(v) for key, v in vector.items()}
+    threshold = magnitudes.kthvalue(n - k + 1).values  # the k-th largest magnitude
+    return {key: v * (v.abs() >= threshold) for key, v in vector.items()}
+
+
+def elect_signs(trimmed: list[Mapping[str, torch.Tensor]]) -> StateDict:
+    """Per entry, sign(sum_k); zero sums take the majority of all elected signs."""
+    signs = {key: torch.sign(torch.stack([t[key] for t in trimmed]).sum(0))
+             for key in trimmed[0]}
+    majority = torch.sign(sum(s.sum() for s in signs.values()))
+    return {key: torch.where(s == 0, majority, s) for key, s in signs.items()}
+
+
+def disjoint_merge(trimmed: list[Mapping[str, torch.Tensor]], signs: Mapping[str, torch.Tensor],
+                   merge: str) -> StateDict:
+    if merge not in ("mean", "sum"):
+        raise TintError(f"TIES merge must be 'mean' or 'sum' (disjoint mean / sum), got '{merge}'")
+    out = {}
+    for key, sign in signs.items():
+        stacked = torch.stack([t[key] for t in trimmed])
+        agrees = ((stacked > 0) & (sign > 0)) | ((stacked < 0) & (sign < 0))
+        selected = stacked * agrees
+        total = selected.sum(0)
+        if merge == "mean":
+            total = total / agrees.sum(0).clamp(min=1)
+        out[key] = total
+    return out
+
+
+@register("ties")
+def ties_merge(pretrained: Mapping[str, torch.Tensor],
+               experts: Mapping[str, Mapping[str, torch.Tensor]], top_k: float = 20,
+               merge: str = "sum", lam: float = 0.3) -> StateDict:
+    trimmed = [trim_top_k(task_vector(e, pretrained), top_k) for e in experts.values()]
+    merged = disjoint_merge(trimmed, elect_signs(trimmed), merge)
+    return add_task_vector(pretrained, merged, lam)

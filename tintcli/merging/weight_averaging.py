@@ -1,0 +1,19 @@
+"""Weight averaging: theta = mean_k theta_k (PAPER.md, Data-free merging)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from tintcli.io import StateDict
+from tintcli.merging import register
+from tintcli.merging.task_vectors import mergeable
+
+
+@register("weight_averaging")
+def weight_average(pretrained: Mapping[str, torch.Tensor],
+                   experts: Mapping[str, Mapping[str, torch.Tensor]]) -> StateDict:
+    models = list(experts.values())
+    return {k: torch.stack([m[k].float() for m in models]).mean(0).to(v.dtype)
+            if mergeable(v) else v.clone() for k, v in pretrained.items()}

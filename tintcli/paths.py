@@ -1,0 +1,17 @@
+"""Where tint keeps its configs and its cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONF_DIR = PACKAGE_DIR.parent / "conf"
+
+
+def cache_dir() -> Path:
+    """``$TINT_CACHE``, else ``$XDG_CACHE_HOME/tint``, else ``~/.cache/tint``."""
+    if os.environ.get("TINT_CACHE"):
+        return Path(os.environ["TINT_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tint"

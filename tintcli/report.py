@@ -1,0 +1,58 @@
+"""Rich tables for the terminal: results, benchmark realism, sweeps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+from rich.text import Text
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def results_table(rows: list[dict[str, Any]], tasks: list[str], title: str) -> Table:
+    """One row per zero-shot / experts / merged encoder; top-1 accuracy in %."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("method", no_wrap=True)
+    for task in tasks:
+        table.add_column(task, justify="right")
+    table.add_column("avg", justify="right", style="bold")
+    table.add_column("norm", justify="right")
+    for i, row in enumerate(rows):
+        style = "dim" if row["kind"] == "reference" else None
+        table.add_row(row["name"], *[_pct(row["accuracy"][t]) for t in tasks],
+                      _pct(row["average"]), _pct(row["normalized_average"]), style=style,
+                      end_section=i + 1 < len(rows) and rows[i + 1]["kind"] != row["kind"])
+    table.caption = "top-1 accuracy %; norm = mean of accuracy / the task's expert accuracy"
+    return table
+
+
+def realism_text(realism: dict[str, Any]) -> Text:
+    """The built-in benchmark's realism targets (DEVELOPERS.md): are they met?"""
+    text = Text("benchmark realism: ", style="bold")
+    for i, check in enumerate(realism["checks"]):
+        mark, style = ("✓", "green") if check["ok"] else ("✗", "red")
+        text.append(("  ·  " if i else "") + f"{check['what']} {mark}", style=style)
+    sweep = realism["task_arithmetic_sweep"]
+    text.append("\ntask arithmetic λ sweep: " + "  ".join(
+        f"{lam}:{_pct(avg)}" for lam, avg in sweep.items()), style="dim")
+    return text
+
+
+def sweep_table(jobs: list[dict[str, Any]]) -> Table:
+    """Every multirun job's merged rows side by side, the best average marked."""
+    table = Table(title="sweep summary", title_justify="left")
+    table.add_column("job", justify="right")
+    table.add_column("overrides")
+    table.add_column("method")
+    table.add_column("avg", justify="right", style="bold")
+    table.add_column("norm", justify="right")
+    best = max(r["average"] for job in jobs for r in job["rows"])
+    for num, job in enumerate(jobs):
+        for row in job["rows"]:
+            mark = " ★" if row["average"] == best else ""
+            table.add_row(str(num), " ".join(job["overrides"]) or "-", row["name"],
+                          _pct(row["average"]) + mark, _pct(row["normalized_average"]))
+    return table

@@ -1,0 +1,99 @@
+"""Task data: which tasks exist, and their splits as pixel tensors cached on disk.
+
+Splits are stored with Hugging Face ``datasets`` (``save_to_disk``) as decoded uint8 pixels,
+so images are generated or decoded once, never again per evaluation.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from tintcli.errors import TintError
+from tintcli.io import fingerprint
+from tintcli.paths import cache_dir
+from tintcli.tasks.synthetic import SYNTH_FAMILIES, generate
+
+# Bump when the generators change, so cached splits are regenerated.
+GENERATOR_VERSION = 3
+SPLITS = ("pretrain", "train", "test")
+
+
+@dataclass
+class TaskSplit:
+    task: str
+    split: str
+    images: torch.Tensor  # uint8 [N, H, W, 3]
+    labels: torch.Tensor  # int64 [N]
+    num_classes: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def available_tasks(source: str) -> list[str]:
+    if source == "synthetic":
+        return list(SYNTH_FAMILIES)
+    raise TintError(f"unknown task source '{source}'; tint knows: synthetic")
+
+
+def task_names(tasks_cfg: DictConfig) -> list[str]:
+    """The task set's names, validated: an unknown or repeated name is a clear error."""
+    names = list(tasks_cfg.names)
+    known = available_tasks(tasks_cfg.source)
+    for name in names:
+        if name not in known:
+            raise TintError(f"unknown task '{name}' in tasks '{tasks_cfg.name}'\n"
+                            f"Available {tasks_cfg.source} tasks: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise TintError(f"task set '{tasks_cfg.name}' lists a task twice: {names}")
+    if not names:
+        raise TintError(f"task set '{tasks_cfg.name}' is empty; list tasks in tasks.names")
+    return names
+
+
+def num_classes(task: str) -> int:
+    return SYNTH_FAMILIES[task].num_classes
+
+
+def _split_seed(seed: int, task: str, split: str) -> int:
+    return zlib.crc32(f"{seed}/{task}/{split}".encode())
+
+
+def load_split(task: str, split: str, count: int, image_size: int, seed: int) -> TaskSplit:
+    """Load one split from the cache, generating and storing it on first use."""
+    import datasets  # slow import: only when data is really needed
+
+    datasets.disable_progress_bars()
+    if split not in SPLITS:
+        raise TintError(f"unknown split '{split}'; use one of {SPLITS}")
+    size = int(image_size)
+    key = fingerprint([GENERATOR_VERSION, task, split, count, size, seed])
+    path = cache_dir() / "data" / "synthetic" / f"{task}-{split}-{key}"
+    if not (path / "dataset_info.json").exists():
+        images, labels = generate(task, count, size, _split_seed(seed, task, split))
+        features = datasets.Features({
+            "image": datasets.Array3D(shape=(size, size, 3), dtype="uint8"),
+            "label": datasets.ClassLabel(num_classes=SYNTH_FAMILIES[task].num_classes),
+        })
+        ds = datasets.Dataset.from_dict(
+            {"image": images.numpy(), "label": labels.numpy()}, features=features
+        )
+        _save_dataset_atomically(ds, path)
+    columns = datasets.load_from_disk(str(path)).with_format("torch")[:]
+    return TaskSplit(task, split, columns["image"].to(torch.uint8), columns["label"].long(),
+                     num_classes(task))
+
+
+def _save_dataset_atomically(ds, path: Path) -> None:
+    import shutil
+
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ds.save_to_disk(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)

@@ -1,0 +1,97 @@
+"""Run records: results.json in each run directory, W&B when enabled, sweep summaries."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from tintcli.errors import TintError
+from tintcli.io import write_json
+from tintcli.paths import PACKAGE_DIR
+
+RESULTS = "results.json"
+_PACKAGES = ("tintcli", "torch", "timm", "datasets", "hydra-core", "omegaconf", "safetensors",
+             "numpy")
+
+
+def versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out["tint_git_commit"] = _git_commit()
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=PACKAGE_DIR, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to replace a finished run's results."""
+    if (run_dir / RESULTS).exists() and not overwrite:
+        raise TintError(f"{run_dir / RESULTS} already exists: this run directory holds a "
+                        "finished run\nChoose another hydra.run.dir, or pass overwrite=true "
+                        "to replace it.")
+
+
+def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
+    path = run_dir / RESULTS
+    write_json(path, payload)
+    return path
+
+
+def log_wandb(cfg: DictConfig, payload: dict[str, Any], run_dir: Path) -> None:
+    """Mirror the run to Weights & Biases: config, per-row summary and the table."""
+    wcfg = cfg.tracking.wandb
+    if not wcfg.enabled:
+        return
+    import wandb
+
+    run = wandb.init(project=wcfg.project, entity=wcfg.entity, mode=wcfg.mode,
+                     dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True),
+                     name=run_dir.name, reinit=True)
+    tasks = payload["tasks"]
+    table = wandb.Table(columns=["row", *tasks, "average", "normalized_average"])
+    for row in payload["rows"]:
+        table.add_data(row["name"], *[row["accuracy"][t] for t in tasks], row["average"],
+                       row["normalized_average"])
+        run.summary[f"{row['name']}/average"] = row["average"]
+    run.log({"results": table})
+    run.finish()
+
+
+class SweepSummary(Callback):
+    """After a multirun, print one table of every job's averages and write sweep.json."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        jobs = []
+        for path in sorted(sweep_dir.glob(f"*/{RESULTS}"), key=lambda p: _job_num(p.parent)):
+            result = json.loads(path.read_text())
+            jobs.append({"dir": str(path.parent), "overrides": result.get("overrides", []),
+                         "rows": [r for r in result["rows"] if r["kind"] == "merged"]})
+        if not jobs:
+            return
+        write_json(sweep_dir / "sweep.json", {"jobs": jobs})
+        from tintcli.report import sweep_table
+
+        Console().print(sweep_table(jobs))
+
+
+def _job_num(path: Path) -> int:
+    return int(path.name) if path.name.isdigit() else 1 << 30

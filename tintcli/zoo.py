@@ -1,0 +1,287 @@
+"""The model zoo: a pretrained encoder, per-task zero-shot heads and fine-tuned experts.
+
+This is the one place that maps tasks to checkpoints and validates them: every file is
+listed in a manifest with its sha256, and an expert is handed out only after its keys and
+shapes match the pretrained encoder. For the built-in benchmark tint builds the zoo itself:
+
+1. pretrain the encoder on a mixture of every synthetic family with *coarse* labels only
+   (classes merged into a few groups), the analogue of broad weak supervision;
+2. build each task's zero-shot head from class prototypes of the pretrained features;
+3. fine-tune one expert per task from the pretrained encoder with that head frozen.
+
+The pretrained encoder is keyed by the encoder config and each task's entry by its own
+recipe, so changing a config rebuilds exactly what it decides, and a subset of tasks
+reuses what was built for the full set. A manifest is written last, atomically: a folder
+without one is an interrupted build and is built again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from tintcli.encoders import build_encoder, preprocess
+from tintcli.errors import TintError
+from tintcli.evaluation import accuracy, encode
+from tintcli.heads import ZeroShotHead, prototype_head
+from tintcli.io import (
+    StateDict,
+    check_same_layout,
+    fingerprint,
+    load_state_dict,
+    save_state_dict,
+    sha256_file,
+    write_json,
+)
+from tintcli.paths import cache_dir
+from tintcli.tasks import GENERATOR_VERSION, available_tasks, load_split, num_classes
+from tintcli.tasks.synthetic import SYNTH_FAMILIES
+from tintcli.training import train_classifier
+
+ZOO_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class TaskEntry:
+    """One task's checkpoints in the zoo and their reference accuracies on its test split."""
+
+    task: str
+    head_file: Path
+    head_sha256: str
+    expert_file: Path
+    expert_sha256: str
+    zeroshot_accuracy: float
+    expert_accuracy: float
+
+
+@dataclass(frozen=True)
+class Zoo:
+    encoder_cfg: DictConfig
+    pretrained_file: Path
+    pretrained_sha256: str
+    entries: dict[str, TaskEntry]
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.entries)
+
+    def entry(self, task: str) -> TaskEntry:
+        if task not in self.entries:
+            raise TintError(f"no expert for task '{task}' in the zoo of encoder "
+                            f"'{self.encoder_cfg.name}'; it has: {', '.join(self.entries)}")
+        return self.entries[task]
+
+    def pretrained(self) -> StateDict:
+        return load_state_dict(self.pretrained_file, "the pretrained encoder",
+                               self.pretrained_sha256)
+
+    def expert(self, task: str, pretrained: StateDict | None = None) -> StateDict:
+        entry = self.entry(task)
+        state = load_state_dict(entry.expert_file, f"expert '{task}'", entry.expert_sha256)
+        check_same_layout(pretrained or self.pretrained(), state, f"expert '{task}'")
+        return state
+
+    def head(self, task: str) -> ZeroShotHead:
+        entry = self.entry(task)
+        return ZeroShotHead.from_state_dict(
+            load_state_dict(entry.head_file, f"head '{task}'", entry.head_sha256))
+
+    def checkpoint_hashes(self) -> dict:
+        return {
+            "pretrained": self.pretrained_sha256,
+            "experts": {t: e.expert_sha256 for t, e in self.entries.items()},
+            "heads": {t: e.head_sha256 for t, e in self.entries.items()},
+        }
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _plain(cfg) -> object:
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def pretrain_key(encoder_cfg: DictConfig) -> dict:
+    """Everything that decides the pretrained encoder."""
+    return {
+        "format": ZOO_FORMAT, "generator": GENERATOR_VERSION,
+        "timm_model": encoder_cfg.timm_model, "timm_kwargs": _plain(encoder_cfg.timm_kwargs),
+        "mean": _plain(encoder_cfg.mean), "std": _plain(encoder_cfg.std),
+        "seed": encoder_cfg.zoo.seed, "pretrain": _plain(encoder_cfg.zoo.pretrain),
+    }
+
+
+def task_key(encoder_cfg: DictConfig, tasks_cfg: DictConfig, task: str) -> dict:
+    """Everything that decides one task's head, expert and reference accuracies."""
+    return {
+        "pretrained": fingerprint(pretrain_key(encoder_cfg)), "task": task,
+        "image_size": tasks_cfg.image_size, "seed": tasks_cfg.seed,
+        "train_size": tasks_cfg.train_size, "test_size": tasks_cfg.test_size,
+        "head_shots": encoder_cfg.zoo.head_shots, "logit_scale": encoder_cfg.logit_scale,
+        "finetune": _plain(encoder_cfg.zoo.finetune),
+    }
+
+
+def zoo_root(encoder_cfg: DictConfig) -> Path:
+    return cache_dir() / "zoo" / f"{encoder_cfg.name}-{fingerprint(pretrain_key(encoder_cfg))}"
+
+
+def _read_manifest(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # a damaged manifest means an unfinished build: build again
+    return manifest if manifest.get("format") == ZOO_FORMAT else None
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _check_sizes(encoder_cfg: DictConfig, tasks_cfg: DictConfig) -> None:
+    img = encoder_cfg.timm_kwargs.get("img_size")
+    if img is not None and int(img) != int(tasks_cfg.image_size):
+        raise TintError(f"encoder '{encoder_cfg.name}' takes {img}px images but task set "
+                        f"'{tasks_cfg.name}' has {tasks_cfg.image_size}px ones\n"
+                        "Pick a matching encoder or set tasks.image_size.")
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), console=console, transient=False)
+
+
+def _train_with_bar(progress: Progress, label: str, steps: int, **kwargs) -> list[float]:
+    bar = progress.add_task(label, total=steps, info="")
+
+    def on_step(step: int, loss: float) -> None:
+        progress.update(bar, advance=1, info=f"loss {loss:.3f}")
+
+    return train_classifier(steps=steps, on_step=on_step, **kwargs)
+
+
+def _pretrain(encoder_cfg: DictConfig, root: Path, device: torch.device,
+              progress: Progress) -> None:
+    """Pretrain on every family's 'pretrain' split with coarse labels; save + manifest."""
+    zoo_cfg, recipe = encoder_cfg.zoo, encoder_cfg.zoo.pretrain
+    size = int(encoder_cfg.timm_kwargs.img_size)
+    inputs, labels, offset = [], [], 0
+    for family in available_tasks("synthetic"):
+        split = load_split(family, "pretrain", recipe.images_per_family, size, zoo_cfg.seed)
+        groups = min(int(recipe.coarse_classes), split.num_classes)
+        inputs.append(preprocess(split.images, encoder_cfg))
+        labels.append(offset + split.labels * groups // split.num_classes)
+        offset += groups
+    torch.manual_seed(zoo_cfg.seed)
+    encoder = build_encoder(encoder_cfg).to(device)
+    classifier = nn.Linear(encoder.num_features, offset).to(device)
+    losses = _train_with_bar(
+        progress, "pretraining encoder", recipe.steps, encoder=encoder, head=classifier,
+        inputs=torch.cat(inputs), labels=torch.cat(labels), batch_size=recipe.batch_size,
+        lr=recipe.lr, weight_decay=recipe.weight_decay, device=device, seed=zoo_cfg.seed)
+    save_state_dict(encoder.state_dict(), root / "pretrained.safetensors")
+    write_json(root / "manifest.json", {
+        "format": ZOO_FORMAT, "key": pretrain_key(encoder_cfg),
+        "pretrained": {"file": "pretrained.safetensors",
+                       "sha256": sha256_file(root / "pretrained.safetensors")},
+        "final_loss": losses[-1] if losses else None, "built_at": time.time(),
+    })
+
+
+def _build_task(encoder_cfg: DictConfig, tasks_cfg: DictConfig, task: str, folder: Path,
+                pretrained: StateDict, device: torch.device, progress: Progress) -> None:
+    """Zero-shot head from prototypes, expert fine-tuned with the head frozen, and both
+    scored on the test split."""
+    zoo_cfg, recipe = encoder_cfg.zoo, encoder_cfg.zoo.finetune
+    size, seed = int(tasks_cfg.image_size), int(tasks_cfg.seed)
+    train = load_split(task, "train", tasks_cfg.train_size, size, seed)
+    test = load_split(task, "test", tasks_cfg.test_size, size, seed)
+    train_x, test_x = preprocess(train.images, encoder_cfg), preprocess(test.images, encoder_cfg)
+
+    encoder = build_encoder(encoder_cfg).to(device)
+    encoder.load_state_dict(pretrained)
+    shots = torch.cat([(train.labels == c).nonzero().flatten()[: zoo_cfg.head_shots]
+                       for c in range(train.num_classes)])
+    head = prototype_head(encode(encoder, train_x[shots], device), train.labels[shots],
+                          train.num_classes, float(encoder_cfg.logit_scale)).to(device)
+    zeroshot_acc = accuracy(encoder, head, test_x, test.labels, device)
+
+    head.requires_grad_(False)
+    _train_with_bar(progress, f"fine-tuning expert {task}", recipe.steps, encoder=encoder,
+                    head=head, inputs=train_x, labels=train.labels,
+                    batch_size=recipe.batch_size, lr=recipe.lr,
+                    weight_decay=recipe.weight_decay, device=device, seed=seed)
+    expert_acc = accuracy(encoder, head, test_x, test.labels, device)
+
+    save_state_dict(head.state_dict(), folder / "head.safetensors")
+    save_state_dict(encoder.state_dict(), folder / "expert.safetensors")
+    write_json(folder / "manifest.json", {
+        "format": ZOO_FORMAT, "key": task_key(encoder_cfg, tasks_cfg, task),
+        "head": {"file": "head.safetensors", "sha256": sha256_file(folder / "head.safetensors")},
+        "expert": {"file": "expert.safetensors",
+                   "sha256": sha256_file(folder / "expert.safetensors")},
+        "zeroshot_accuracy": zeroshot_acc, "expert_accuracy": expert_acc,
+        "built_at": time.time(),
+    })
+
+
+def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
+               device: torch.device, console: Console | None = None) -> Zoo:
+    """The zoo for these tasks, building whatever is missing or out of date."""
+    console = console or Console()
+    if encoder_cfg.get("zoo") is None:
+        raise TintError(f"encoder '{encoder_cfg.name}' has no zoo recipe; tint can build "
+                        "only its own synthetic zoo (encoder=synth_vit)")
+    if tasks_cfg.source != "synthetic":
+        raise TintError(f"tint builds zoos only for synthetic tasks, not '{tasks_cfg.source}'")
+    _check_sizes(encoder_cfg, tasks_cfg)
+    root = zoo_root(encoder_cfg)
+    folders = {t: root / "tasks" / f"{t}-{fingerprint(task_key(encoder_cfg, tasks_cfg, t))}"
+               for t in tasks}
+    manifest = _read_manifest(root / "manifest.json")
+    missing = [t for t, f in folders.items() if _read_manifest(f / "manifest.json") is None]
+    if manifest is None or missing:
+        console.print(f"[bold]Building the {encoder_cfg.name} zoo[/] in {root} "
+                      f"({'pretrained encoder + ' if manifest is None else ''}"
+                      f"{len(missing)} expert(s)); it is cached for later runs.")
+        with _progress(console) as progress:
+            if manifest is None:
+                _pretrain(encoder_cfg, root, device, progress)
+                manifest = _read_manifest(root / "manifest.json")
+            pretrained = load_state_dict(root / "pretrained.safetensors", "the pretrained encoder")
+            for task in missing:
+                _build_task(encoder_cfg, tasks_cfg, task, folders[task], pretrained, device,
+                            progress)
+    entries = {}
+    for task, folder in folders.items():
+        m = _read_manifest(folder / "manifest.json")
+        entries[task] = TaskEntry(
+            task, folder / m["head"]["file"], m["head"]["sha256"], folder / m["expert"]["file"],
+            m["expert"]["sha256"], m["zeroshot_accuracy"], m["expert_accuracy"])
+    return Zoo(encoder_cfg, root / manifest["pretrained"]["file"],
+               manifest["pretrained"]["sha256"], entries)
+
+
+def test_sets(encoder_cfg: DictConfig, tasks_cfg: DictConfig,
+              tasks: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each task's preprocessed test inputs and labels, decoded once per run."""
+    out = {}
+    for task in tasks:
+        split = load_split(task, "test", tasks_cfg.test_size, int(tasks_cfg.image_size),
+                           int(tasks_cfg.seed))
+        out[task] = (preprocess(split.images, encoder_cfg), split.labels)
+    return out
+
+
+__all__ = ["Zoo", "TaskEntry", "ensure_zoo", "test_sets", "zoo_root", "SYNTH_FAMILIES",
+           "num_classes"]
