@@ -15,9 +15,9 @@ from tintcli.paths import CONF_DIR
 TINY = ["encoder=synth_vit_tiny", "tasks=synth_tiny"]
 
 
-def compose_config(name: str = "merge", overrides: list[str] | None = None):
+def compose_config(name: str = "merge", overrides: list[str] | None = None, tiny: bool = True):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(name, overrides=[*TINY, *(overrides or [])])
+        return compose(name, overrides=[*(TINY if tiny else []), *(overrides or [])])
 
 
 @pytest.fixture(scope="session")

@@ -120,3 +120,12 @@ def test_zoo_build_reports_realism(run_tint):
     out = run_tint("zoo", "build", *TINY)
     assert out.returncode == 0, out.stderr
     assert "benchmark realism" in out.stdout and "zero-shot" in out.stdout
+
+
+def test_experiment_presets_compose():
+    from conftest import compose_config
+
+    cfg = compose_config(overrides=["+experiment=synth8_ta_sweep"], tiny=False)
+    assert cfg.method.name == "task_arithmetic" and cfg.tasks.name == "synth8"
+    cfg = compose_config(overrides=["+experiment=synth8_table"], tiny=False)
+    assert set(cfg.method.methods) == {"weight_averaging", "task_arithmetic", "ties"}
