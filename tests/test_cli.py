@@ -129,3 +129,18 @@ def test_experiment_presets_compose():
     assert cfg.method.name == "task_arithmetic" and cfg.tasks.name == "synth8"
     cfg = compose_config(overrides=["+experiment=synth8_table"], tiny=False)
     assert set(cfg.method.methods) == {"weight_averaging", "task_arithmetic", "ties"}
+
+
+def test_wandb_offline_run_is_recorded(run_tint, tmp_path):
+    out = run_tint("merge", *TINY, "method=weight_averaging", f"hydra.run.dir={tmp_path / 'wb'}",
+                   "tracking.wandb.enabled=true", "tracking.wandb.mode=offline")
+    assert out.returncode == 0, out.stderr
+    runs = list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_merging_functions_are_importable_from_the_package():
+    import tintcli
+
+    assert tintcli.ties_merge is tintcli.merging.ties.ties_merge
+    assert {"weight_averaging", "task_arithmetic", "ties"} <= set(tintcli.MERGE_METHODS)

@@ -22,8 +22,9 @@ def realism(zoo: Zoo, tasks: list[str], pretrained: StateDict,
             experts: Mapping[str, StateDict],
             score: Callable[[StateDict], Mapping[str, float]]) -> dict:
     """Zero-shot, experts and a 0.1-step task-arithmetic sweep against the targets (cached)."""
+    # each entry's folder name fingerprints its whole recipe, test split included
     cache = zoo.pretrained_file.parent / (
-        "realism-" + fingerprint([zoo.entries[t].expert_sha256 for t in tasks]) + ".json")
+        "realism-" + fingerprint([zoo.entries[t].expert_file.parent.name for t in tasks]) + ".json")
     if cache.is_file():
         return json.loads(cache.read_text())
     mean = lambda values: sum(values) / len(values)  # noqa: E731

@@ -258,9 +258,9 @@ _SIGN_SHAPES = [  # (sides, rotation, border colour)
     (40, 0.0, (0.85, 0.1, 0.1)),  # circle, red
     (3, -math.pi / 2, (0.85, 0.1, 0.1)),  # triangle up, red
     (3, math.pi / 2, (0.85, 0.1, 0.1)),  # triangle down, red
-    (8, math.pi / 8, (0.85, 0.1, 0.1)),  # octagon, red
+    (4, math.pi / 4, (0.85, 0.1, 0.1)),  # diamond, red (an octagon is a circle at 32 px)
     (40, 0.0, (0.1, 0.25, 0.85)),  # circle, blue
-    (4, 0.0, (0.95, 0.75, 0.1)),  # diamond, yellow
+    (4, 0.0, (0.95, 0.75, 0.1)),  # square, yellow
 ]
 SIGN_CLASSES = len(_SIGN_SHAPES) * 4
 
@@ -457,7 +457,7 @@ VEHICLE_CLASSES = 24
 def render_vehicles(labels, size, g):
     """Stanford-Cars-like: fine-grained side silhouettes; colour is a nuisance.
 
-    Class = body length x body height x cabin position x cabin shape. Vehicles always face
+    Class = body length x body height x cabin position x wheel size. Vehicles always face
     right: a mirror would make a front cabin and a rear cabin the same picture.
     """
     n = labels.shape[0]
@@ -465,21 +465,19 @@ def render_vehicles(labels, size, g):
     length = torch.where(labels % 2 == 0, 0.55, 0.85)
     height = torch.where((labels // 2) % 2 == 0, 0.28, 0.5)
     cabin_pos = ((labels // 4) % 3).float() * 0.45 - 0.45
-    sloped = (labels // 12) == 1
+    wheel = torch.where(labels // 12 == 0, 0.13, 0.21)
     px, py = _local(
-        xx, yy, _uniform(n, -0.1, 0.1, g), _uniform(n, 0.0, 0.2, g), _uniform(n, 0.85, 1.05, g),
+        xx, yy, _uniform(n, -0.1, 0.1, g), _uniform(n, 0.0, 0.2, g), _uniform(n, 0.92, 1.02, g),
         _uniform(n, -0.05, 0.05, g),
     )
     L, H, C = (t[:, None, None] for t in (length, height, cabin_pos))
     body = torch.maximum(px.abs() - L, (py - 0.1).abs() - H / 2)
     cx = C * L
     cabin_top = py - 0.1 + H / 2 + 0.2
-    box_cabin = torch.maximum((px - cx).abs() - 0.3, cabin_top.abs() - 0.2)
-    slope_cabin = torch.maximum(box_cabin, (px - cx) * 0.9 + (py - 0.1 + H / 2) - 0.05)
-    cabin = torch.where(sloped[:, None, None], slope_cabin, box_cabin)
+    cabin = torch.maximum((px - cx).abs() - 0.3, cabin_top.abs() - 0.2)
     wheels = torch.minimum(
         torch.hypot(px - L * 0.65, py - 0.1 - H / 2), torch.hypot(px + L * 0.65, py - 0.1 - H / 2)
-    ) - 0.16
+    ) - wheel[:, None, None]
     canvas = _smooth_noise(n, size, 2, g, channels=3) * 0.5 + 0.35
     canvas = _paint(canvas, _fill(torch.minimum(body, cabin), 0.03), _random_colors(n, g, 0.0, 0.9))
     canvas = _paint(canvas, _fill(wheels, 0.03), torch.full((n, 3), 0.05))
