@@ -84,3 +84,15 @@ def test_an_expert_of_another_architecture_is_refused(tiny_cache):
     del wrong["norm.weight"]
     with pytest.raises(TintError, match="missing \\['norm.weight'\\]"):
         check_same_layout(pretrained, wrong, "expert 'digits'")
+
+
+def test_heads_are_the_pretrained_caption_embeddings(tiny_cache):
+    from safetensors.torch import load_file
+
+    cfg, zoo = _zoo()
+    manifest = json.loads((zoo_root(cfg.encoder) / "manifest.json").read_text())
+    captions = load_file(zoo_root(cfg.encoder) / "captions.safetensors")["embeddings"]
+    start, count = manifest["captions"]["offsets"]["digits"]
+    rows = torch.nn.functional.normalize(captions[start : start + count], dim=-1) * 100
+    head = zoo.head("digits")
+    assert torch.allclose(head.weight, rows) and torch.equal(head.bias, torch.zeros(count))

@@ -1,13 +1,17 @@
-"""Zero-shot classification heads.
+"""Zero-shot classification heads, and the caption embeddings they come from.
 
-As in the task-vectors code, a head is a linear layer over L2-normalised features whose
-rows are unit class embeddings scaled by the logit scale (CLIP: exp(logit_scale) = 100).
-CLIP builds the rows from text prompts; tint's synthetic benchmark builds them from the
-pretrained encoder's mean feature of a few labelled images per class (class prototypes),
-so heads, like CLIP's, never come from fine-tuning.
+As in the task-vectors code, a head is a linear layer over L2-normalised features whose rows
+are unit class embeddings scaled by CLIP's exp(logit_scale) = 100. CLIP takes the rows from
+its text tower; tint's synthetic benchmark takes them from ``CaptionEmbeddings``, the
+analogue of that tower: one learned embedding per (family, class) "caption", trained with
+the image encoder CLIP-style (cosine logits, learned temperature) during pretraining. So the
+heads, like CLIP's, sit in their own region of the sphere (the modality gap) and are never
+class means of image features, nor fine-tuned.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -27,16 +31,25 @@ class ZeroShotHead(nn.Linear):
         head.load_state_dict(state)
         return head
 
+    @classmethod
+    def from_embeddings(cls, rows: torch.Tensor, logit_scale: float) -> ZeroShotHead:
+        """Rows = unit class embeddings x logit scale, bias 0 (task-vectors' ClassificationHead)."""
+        head = cls(rows.shape[1], rows.shape[0])
+        with torch.no_grad():
+            head.weight.copy_(F.normalize(rows.float(), dim=-1) * logit_scale)
+            head.bias.zero_()
+        return head
 
-def prototype_head(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                   logit_scale: float) -> ZeroShotHead:
-    """Rows = normalised mean of normalised features per class (the prompt-ensemble recipe)."""
-    feats = F.normalize(features.float(), dim=-1)
-    rows = torch.zeros(num_classes, feats.shape[1])
-    rows.index_add_(0, labels, feats)
-    rows = F.normalize(rows, dim=-1) * logit_scale
-    head = ZeroShotHead(feats.shape[1], num_classes)
-    with torch.no_grad():
-        head.weight.copy_(rows)
-        head.bias.zero_()
-    return head
+
+class CaptionEmbeddings(nn.Module):
+    """CLIP's contrastive logits against a fixed vocabulary of class captions."""
+
+    def __init__(self, num_captions: int, dim: int, max_scale: float = 100.0):
+        super().__init__()
+        self.embeddings = nn.Parameter(torch.randn(num_captions, dim) * dim**-0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's init
+        self.max_scale = max_scale
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        scale = self.logit_scale.exp().clamp(max=self.max_scale)
+        return scale * F.normalize(features, dim=-1) @ F.normalize(self.embeddings, dim=-1).T

@@ -10,19 +10,38 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _param_groups(encoder: nn.Module, head: nn.Module, lr: float, weight_decay: float,
+                  layer_decay: float | None) -> list[dict]:
+    """No weight decay on norms and biases; with ``layer_decay``, the usual ViT fine-tuning
+    recipe (BEiT, MAE): layer i of n trains at lr * layer_decay ** (n - i), so the embeddings
+    move least and the last blocks most."""
+    if layer_decay is None:
+        params = [p for p in encoder.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    else:
+        from timm.optim import param_groups_layer_decay
+
+        groups = param_groups_layer_decay(encoder, weight_decay=weight_decay,
+                                          layer_decay=layer_decay)
+    head_params = [p for p in head.parameters() if p.requires_grad]
+    if head_params:
+        groups.append({"params": head_params, "weight_decay": 0.0})
+    for group in groups:
+        group["lr"] = lr * group.pop("lr_scale", 1.0)
+    return [g for g in groups if g["params"]]
+
+
 def train_classifier(encoder: nn.Module, head: nn.Module, inputs: torch.Tensor,
                      labels: torch.Tensor, *, steps: int, batch_size: int, lr: float,
                      weight_decay: float, device: torch.device, seed: int,
+                     layer_decay: float | None = None,
                      on_step: Callable[[int, float], None] | None = None) -> list[float]:
     """AdamW with linear warm-up and cosine decay on random batches; returns the losses.
 
     Only parameters with ``requires_grad`` train, so a frozen head stays exactly as built.
     """
-    params = [p for m in (encoder, head) for p in m.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+    opt = torch.optim.AdamW(_param_groups(encoder, head, lr, weight_decay, layer_decay))
     warmup = max(1, steps // 10)
 
     def schedule(step: int) -> float:

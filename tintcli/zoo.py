@@ -4,9 +4,10 @@ This is the one place that maps tasks to checkpoints and validates them: every f
 listed in a manifest with its sha256, and an expert is handed out only after its keys and
 shapes match the pretrained encoder. For the built-in benchmark tint builds the zoo itself:
 
-1. pretrain the encoder on a mixture of every synthetic family with *coarse* labels only
-   (classes merged into a few groups), the analogue of broad weak supervision;
-2. build each task's zero-shot head from class prototypes of the pretrained features;
+1. pretrain the encoder on a mixture of every synthetic family with noisy captions (class
+   labels, a fraction replaced at random), the analogue of web-scale image-text pretraining,
+   and, CLIP-style, learned caption embeddings whose rows become the zero-shot heads;
+2. cut each task's zero-shot head from those caption embeddings;
 3. fine-tune one expert per task from the pretrained encoder with that head frozen.
 
 The pretrained encoder is keyed by the encoder config and each task's entry by its own
@@ -26,12 +27,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from torch import nn
 
 from tintcli.encoders import build_encoder, preprocess
 from tintcli.errors import TintError
-from tintcli.evaluation import accuracy, encode
-from tintcli.heads import ZeroShotHead, prototype_head
+from tintcli.evaluation import accuracy
+from tintcli.heads import CaptionEmbeddings, ZeroShotHead
 from tintcli.io import (
     StateDict,
     check_same_layout,
@@ -46,7 +46,7 @@ from tintcli.tasks import GENERATOR_VERSION, available_tasks, load_split, num_cl
 from tintcli.tasks.synthetic import SYNTH_FAMILIES
 from tintcli.training import train_classifier
 
-ZOO_FORMAT = 1
+ZOO_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def task_key(encoder_cfg: DictConfig, tasks_cfg: DictConfig, task: str) -> dict:
         "pretrained": fingerprint(pretrain_key(encoder_cfg)), "task": task,
         "image_size": tasks_cfg.image_size, "seed": tasks_cfg.seed,
         "train_size": tasks_cfg.train_size, "test_size": tasks_cfg.test_size,
-        "head_shots": encoder_cfg.zoo.head_shots, "logit_scale": encoder_cfg.logit_scale,
+        "logit_scale": encoder_cfg.logit_scale,
         "finetune": _plain(encoder_cfg.zoo.finetune),
     }
 
@@ -172,37 +172,48 @@ def _train_with_bar(progress: Progress, label: str, steps: int, **kwargs) -> lis
 
 def _pretrain(encoder_cfg: DictConfig, root: Path, device: torch.device,
               progress: Progress) -> None:
-    """Pretrain on every family's 'pretrain' split with coarse labels; save + manifest."""
+    """CLIP-style pretraining on every family's 'pretrain' split against learned caption
+    embeddings, with a fraction of captions replaced by a random class of the same family
+    (noisy web captions: what keeps zero-shot accuracy modest). Saves the encoder and the
+    caption embeddings, from which every task's zero-shot head is cut."""
     zoo_cfg, recipe = encoder_cfg.zoo, encoder_cfg.zoo.pretrain
     size = int(encoder_cfg.timm_kwargs.img_size)
-    inputs, labels, offset = [], [], 0
+    g = torch.Generator().manual_seed(zoo_cfg.seed)
+    inputs, labels, offsets, offset = [], [], {}, 0
     for family in available_tasks("synthetic"):
         split = load_split(family, "pretrain", recipe.images_per_family, size, zoo_cfg.seed)
-        groups = min(int(recipe.coarse_classes), split.num_classes)
+        noise = recipe.caption_noise
+        noise = noise.get(family, noise.default) if OmegaConf.is_dict(noise) else noise
+        noisy = torch.rand(len(split), generator=g) < noise
+        random_labels = torch.randint(split.num_classes, (len(split),), generator=g)
         inputs.append(preprocess(split.images, encoder_cfg))
-        labels.append(offset + split.labels * groups // split.num_classes)
-        offset += groups
+        labels.append(offset + torch.where(noisy, random_labels, split.labels))
+        offsets[family] = [offset, split.num_classes]
+        offset += split.num_classes
     torch.manual_seed(zoo_cfg.seed)
     encoder = build_encoder(encoder_cfg).to(device)
-    classifier = nn.Linear(encoder.num_features, offset).to(device)
+    captions = CaptionEmbeddings(offset, encoder.num_features).to(device)
     losses = _train_with_bar(
-        progress, "pretraining encoder", recipe.steps, encoder=encoder, head=classifier,
+        progress, "pretraining encoder", recipe.steps, encoder=encoder, head=captions,
         inputs=torch.cat(inputs), labels=torch.cat(labels), batch_size=recipe.batch_size,
         lr=recipe.lr, weight_decay=recipe.weight_decay, device=device, seed=zoo_cfg.seed)
     save_state_dict(encoder.state_dict(), root / "pretrained.safetensors")
+    save_state_dict(captions.state_dict(), root / "captions.safetensors")
     write_json(root / "manifest.json", {
         "format": ZOO_FORMAT, "key": pretrain_key(encoder_cfg),
         "pretrained": {"file": "pretrained.safetensors",
                        "sha256": sha256_file(root / "pretrained.safetensors")},
+        "captions": {"file": "captions.safetensors", "offsets": offsets,
+                     "sha256": sha256_file(root / "captions.safetensors")},
         "final_loss": losses[-1] if losses else None, "built_at": time.time(),
     })
 
 
 def _build_task(encoder_cfg: DictConfig, tasks_cfg: DictConfig, task: str, folder: Path,
-                pretrained: StateDict, device: torch.device, progress: Progress) -> None:
-    """Zero-shot head from prototypes, expert fine-tuned with the head frozen, and both
-    scored on the test split."""
-    zoo_cfg, recipe = encoder_cfg.zoo, encoder_cfg.zoo.finetune
+                pretrained: StateDict, head: ZeroShotHead, device: torch.device,
+                progress: Progress) -> None:
+    """Score the zero-shot head, fine-tune the expert with the head frozen, score it, save."""
+    recipe = encoder_cfg.zoo.finetune
     size, seed = int(tasks_cfg.image_size), int(tasks_cfg.seed)
     train = load_split(task, "train", tasks_cfg.train_size, size, seed)
     test = load_split(task, "test", tasks_cfg.test_size, size, seed)
@@ -210,17 +221,13 @@ def _build_task(encoder_cfg: DictConfig, tasks_cfg: DictConfig, task: str, folde
 
     encoder = build_encoder(encoder_cfg).to(device)
     encoder.load_state_dict(pretrained)
-    shots = torch.cat([(train.labels == c).nonzero().flatten()[: zoo_cfg.head_shots]
-                       for c in range(train.num_classes)])
-    head = prototype_head(encode(encoder, train_x[shots], device), train.labels[shots],
-                          train.num_classes, float(encoder_cfg.logit_scale)).to(device)
+    head = head.to(device).requires_grad_(False)
     zeroshot_acc = accuracy(encoder, head, test_x, test.labels, device)
-
-    head.requires_grad_(False)
     _train_with_bar(progress, f"fine-tuning expert {task}", recipe.steps, encoder=encoder,
                     head=head, inputs=train_x, labels=train.labels,
                     batch_size=recipe.batch_size, lr=recipe.lr,
-                    weight_decay=recipe.weight_decay, device=device, seed=seed)
+                    weight_decay=recipe.weight_decay, layer_decay=recipe.get("layer_decay"),
+                    device=device, seed=seed)
     expert_acc = accuracy(encoder, head, test_x, test.labels, device)
 
     save_state_dict(head.state_dict(), folder / "head.safetensors")
@@ -233,6 +240,13 @@ def _build_task(encoder_cfg: DictConfig, tasks_cfg: DictConfig, task: str, folde
         "zeroshot_accuracy": zeroshot_acc, "expert_accuracy": expert_acc,
         "built_at": time.time(),
     })
+
+
+def _zeroshot_head(root: Path, manifest: dict, task: str, logit_scale: float) -> ZeroShotHead:
+    captions = load_state_dict(root / manifest["captions"]["file"], "the caption embeddings",
+                               manifest["captions"]["sha256"])["embeddings"]
+    start, count = manifest["captions"]["offsets"][task]
+    return ZeroShotHead.from_embeddings(captions[start : start + count], logit_scale)
 
 
 def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
@@ -260,8 +274,9 @@ def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
                 manifest = _read_manifest(root / "manifest.json")
             pretrained = load_state_dict(root / "pretrained.safetensors", "the pretrained encoder")
             for task in missing:
-                _build_task(encoder_cfg, tasks_cfg, task, folders[task], pretrained, device,
-                            progress)
+                head = _zeroshot_head(root, manifest, task, float(encoder_cfg.logit_scale))
+                _build_task(encoder_cfg, tasks_cfg, task, folders[task], pretrained, head,
+                            device, progress)
     entries = {}
     for task, folder in folders.items():
         m = _read_manifest(folder / "manifest.json")

@@ -10,15 +10,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from tintcli.benchmark import realism
-from tintcli.encoders import build_encoder, resolve_device
-from tintcli.evaluation import evaluate_state, summarize
 from tintcli.io import save_state_dict
 from tintcli.merging import merge
+from tintcli.recipes.common import Workbench
 from tintcli.report import realism_text, results_table
-from tintcli.tasks import task_names
 from tintcli.tracking import claim_run_dir, log_wandb, versions, write_results
-from tintcli.zoo import ensure_zoo, test_sets
 
 
 def method_runs(method_cfg: DictConfig) -> list[tuple[str, DictConfig]]:
@@ -43,56 +39,41 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) 
     started = time.time()
     claim_run_dir(run_dir, cfg.overwrite)
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
-    tasks = task_names(cfg.tasks)
     runs = method_runs(cfg.method)
+    bench = Workbench.load(cfg, console)
 
-    zoo = ensure_zoo(cfg.encoder, cfg.tasks, tasks, device, console)
-    pretrained = zoo.pretrained()
-    experts = {t: zoo.expert(t, pretrained) for t in tasks}
-    heads = {t: zoo.head(t) for t in tasks}
-    data = test_sets(cfg.encoder, cfg.tasks, tasks)
-    encoder = build_encoder(cfg.encoder).to(device)
-    expert_acc = {t: zoo.entries[t].expert_accuracy for t in tasks}
-
-    def score(state):
-        return evaluate_state(encoder, state, heads, data, device)
-
-    rows = [
-        {"name": "zero-shot", "kind": "reference",
-         **summarize({t: zoo.entries[t].zeroshot_accuracy for t in tasks}, expert_acc)},
-        {"name": "experts", "kind": "reference", **summarize(expert_acc, expert_acc)},
-    ]
+    rows = bench.reference_rows()
     with console.status("merging and evaluating") as status:
         for label, method_cfg in runs:
             status.update(f"merging and evaluating: {label}")
-            merged = merge(method_cfg.name, pretrained, experts, **_params(method_cfg))
-            rows.append({"name": label, "kind": "merged", "method": method_cfg.name,
-                         "params": _params(method_cfg), **summarize(score(merged), expert_acc)})
+            params = _params(method_cfg)
+            merged = merge(method_cfg.name, bench.pretrained, bench.experts, **params)
+            rows.append(bench.row(label, bench.score(merged), method=method_cfg.name,
+                                  params=params))
             if cfg.save_merged:
                 save_state_dict(merged, run_dir / "merged" / f"{method_cfg.name}.safetensors",
                                 {"method": label})
         status.update("checking the benchmark's realism targets")
-        bench = realism(zoo, tasks, pretrained, experts, score)
+        realism = bench.realism()
 
     payload = {
         "command": "merge",
         "overrides": overrides,
         "config": OmegaConf.to_container(cfg, resolve=True),
         "seed": cfg.seed,
-        "device": str(device),
+        "device": str(bench.device),
         "versions": versions(),
-        "checkpoints": zoo.checkpoint_hashes(),
-        "tasks": tasks,
+        "checkpoints": bench.zoo.checkpoint_hashes(),
+        "tasks": bench.tasks,
         "rows": rows,
-        "realism": bench,
+        "realism": realism,
         "started_at": started,
         "duration_s": time.time() - started,
     }
     path = write_results(run_dir, payload)
-    title = f"{cfg.tasks.name} · {cfg.encoder.name} · {len(tasks)} tasks"
-    console.print(results_table(rows, tasks, title))
-    console.print(realism_text(bench))
+    title = f"{cfg.tasks.name} · {cfg.encoder.name} · {len(bench.tasks)} tasks"
+    console.print(results_table(rows, bench.tasks, title))
+    console.print(realism_text(realism))
     console.print(f"results: {path}")
     log_wandb(cfg, payload, run_dir)
     return payload

@@ -281,8 +281,8 @@ def render_signs(labels, size, g):
     xx, yy = _coords(n, size)
     canvas = _smooth_noise(n, size, 4, g, channels=3) * 0.7 + 0.1
     px, py = _local(
-        xx, yy, _uniform(n, -0.15, 0.15, g), _uniform(n, -0.15, 0.15, g),
-        _uniform(n, 0.6, 0.85, g), _uniform(n, -0.12, 0.12, g),
+        xx, yy, _uniform(n, -0.1, 0.1, g), _uniform(n, -0.1, 0.1, g),
+        _uniform(n, 0.75, 0.92, g), _uniform(n, -0.1, 0.1, g),
     )
     shape, glyph = labels // 4, labels % 4
     outer = torch.zeros(n, size, size)
@@ -294,7 +294,7 @@ def render_signs(labels, size, g):
     light = _uniform(n, 0.6, 1.0, g)[:, None]
     canvas = _paint(canvas, _fill(outer * 0.75, 0.05), border * light)
     canvas = _paint(canvas, _fill((outer + 0.3) * 0.75, 0.05), 0.95 * light.expand(n, 3))
-    glyph_mask = _fill(_glyph_sdf(glyph, px, py) * 0.75, 0.05)
+    glyph_mask = _fill(_glyph_sdf(glyph, px / 1.3, py / 1.3) * 0.75, 0.05)
     canvas = _paint(canvas, glyph_mask, 0.05 * light.expand(n, 3))
     return _finish(canvas, g, noise=0.05)
 
