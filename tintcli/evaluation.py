@@ -41,12 +41,16 @@ def evaluate_state(encoder: nn.Module, state: StateDict, heads: Mapping[str, nn.
 
 
 def summarize(acc: Mapping[str, float], expert_acc: Mapping[str, float]) -> dict:
-    """Average accuracy and normalised accuracy (merged / the task's own expert)."""
-    tasks = list(acc)
-    normalized = {t: acc[t] / expert_acc[t] if expert_acc[t] > 0 else 0.0 for t in tasks}
+    """Average accuracy and normalised accuracy (merged / the task's own expert).
+
+    A task whose expert scores 0 has no normalised accuracy (None); the normalised average
+    is taken over the tasks that have one.
+    """
+    normalized = {t: acc[t] / expert_acc[t] if expert_acc[t] > 0 else None for t in acc}
+    defined = [v for v in normalized.values() if v is not None]
     return {
         "accuracy": dict(acc),
-        "average": sum(acc.values()) / len(tasks),
+        "average": sum(acc.values()) / len(acc),
         "normalized": normalized,
-        "normalized_average": sum(normalized.values()) / len(tasks),
+        "normalized_average": sum(defined) / len(defined) if defined else None,
     }

@@ -8,8 +8,8 @@ from rich.table import Table
 from rich.text import Text
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f}"
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}"
 
 
 def results_table(rows: list[dict[str, Any]], tasks: list[str], title: str) -> Table:

@@ -177,8 +177,8 @@ def render_house_numbers(labels, size, g):
     thick = (0.16, 0.26)
     for side in (-1.0, 1.0):
         neighbour = torch.randint(0, 10, (n,), generator=g)
-        present = (torch.rand(n, generator=g) < 0.6).float()[:, None, None]
-        offset = side * (scale * 1.6 + _uniform(n, 0.1, 0.25, g))
+        present = (torch.rand(n, generator=g) < 0.4).float()[:, None, None]
+        offset = side * (scale * 1.7 + _uniform(n, 0.15, 0.3, g))
         mask = _digit_mask(neighbour, xx, yy, offset, _uniform(n, -0.1, 0.1, g), scale, g, thick)
         canvas = _paint(canvas, mask * present, ink)
     mask = _digit_mask(labels, xx, yy, _uniform(n, -0.08, 0.08, g), _uniform(n, -0.08, 0.08, g),
@@ -379,7 +379,7 @@ def _overhead_layer(kind: str, xx, yy, g) -> torch.Tensor:
         strip = _fill(yy.abs() - 0.2, 0.03)
         return strip
     if kind == "blob":  # lake
-        return (_smooth_noise(n, xx.shape[-1], 3, g)[:, 0] > 0.55).float()
+        return (_smooth_noise(n, xx.shape[-1], 3, g)[:, 0] > 0.45).float()
     if kind == "speckle":  # tree crowns
         return (_smooth_noise(n, xx.shape[-1], 12, g)[:, 0] > 0.5).float()
     raise ValueError(kind)
@@ -441,7 +441,7 @@ def _render_overhead(table, labels, size, g, jitter: float):
 
 def render_aerial(labels, size, g):
     """RESISC45-like: structure from above (roads, fields, rivers, buildings)."""
-    return _render_overhead(_AERIAL, labels, size, g, jitter=0.12)
+    return _render_overhead(_AERIAL, labels, size, g, jitter=0.07)
 
 
 def render_landuse(labels, size, g):
@@ -462,10 +462,10 @@ def render_vehicles(labels, size, g):
     """
     n = labels.shape[0]
     xx, yy = _coords(n, size)
-    length = torch.where(labels % 2 == 0, 0.55, 0.85)
-    height = torch.where((labels // 2) % 2 == 0, 0.28, 0.5)
-    cabin_pos = ((labels // 4) % 3).float() * 0.45 - 0.45
-    wheel = torch.where(labels // 12 == 0, 0.13, 0.21)
+    length = torch.where(labels % 2 == 0, 0.5, 0.9)
+    height = torch.where((labels // 2) % 2 == 0, 0.25, 0.55)
+    cabin_pos = ((labels // 4) % 3).float() * 0.5 - 0.5
+    wheel = torch.where(labels // 12 == 0, 0.11, 0.22)
     px, py = _local(
         xx, yy, _uniform(n, -0.1, 0.1, g), _uniform(n, 0.0, 0.2, g), _uniform(n, 0.92, 1.02, g),
         _uniform(n, -0.05, 0.05, g),
