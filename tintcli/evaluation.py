@@ -11,16 +11,6 @@ from tintcli.io import StateDict
 
 
 @torch.inference_mode()
-def encode(encoder: nn.Module, inputs: torch.Tensor, device: torch.device,
-           batch_size: int = 512) -> torch.Tensor:
-    """Features for preprocessed inputs, batched; returned on the CPU."""
-    encoder.eval()
-    out = [encoder(inputs[i : i + batch_size].to(device)).float().cpu()
-           for i in range(0, len(inputs), batch_size)]
-    return torch.cat(out)
-
-
-@torch.inference_mode()
 def accuracy(encoder: nn.Module, head: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
              device: torch.device, batch_size: int = 512) -> float:
     head = head.to(device).eval()

@@ -42,8 +42,7 @@ from tintcli.io import (
     write_json,
 )
 from tintcli.paths import cache_dir
-from tintcli.tasks import GENERATOR_VERSION, available_tasks, load_split, num_classes
-from tintcli.tasks.synthetic import SYNTH_FAMILIES
+from tintcli.tasks import GENERATOR_VERSION, available_tasks, load_split
 from tintcli.training import train_classifier
 
 ZOO_FORMAT = 2
@@ -297,6 +296,3 @@ def test_sets(encoder_cfg: DictConfig, tasks_cfg: DictConfig,
         out[task] = (preprocess(split.images, encoder_cfg), split.labels)
     return out
 
-
-__all__ = ["Zoo", "TaskEntry", "ensure_zoo", "test_sets", "zoo_root", "SYNTH_FAMILIES",
-           "num_classes"]
