@@ -173,11 +173,11 @@ def render_house_numbers(labels, size, g):
     light_wall = canvas.mean((1, 2, 3)) > 0.5
     ink = torch.where(light_wall[:, None], _random_colors(n, g, 0.0, 0.3),
                       _random_colors(n, g, 0.7, 1.0))
-    scale = _uniform(n, 0.5, 0.6, g)
+    scale = _uniform(n, 0.55, 0.65, g)
     thick = (0.16, 0.26)
     for side in (-1.0, 1.0):
         neighbour = torch.randint(0, 10, (n,), generator=g)
-        present = (torch.rand(n, generator=g) < 0.4).float()[:, None, None]
+        present = (torch.rand(n, generator=g) < 0.25).float()[:, None, None]
         offset = side * (scale * 1.7 + _uniform(n, 0.15, 0.3, g))
         mask = _digit_mask(neighbour, xx, yy, offset, _uniform(n, -0.1, 0.1, g), scale, g, thick)
         canvas = _paint(canvas, mask * present, ink)
