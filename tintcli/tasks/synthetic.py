@@ -237,8 +237,9 @@ def render_textures(labels, size, g):
     """DTD-like: a periodic pattern in random colours; the pattern is the class."""
     n = labels.shape[0]
     xx, yy = _coords(n, size)
+    # centres stay near the middle: rings and spokes seen from a corner look like blotches
     px, py = _local(
-        xx, yy, _uniform(n, -1, 1, g), _uniform(n, -1, 1, g), torch.ones(n),
+        xx, yy, _uniform(n, -0.4, 0.4, g), _uniform(n, -0.4, 0.4, g), torch.ones(n),
         _uniform(n, -0.15, 0.15, g),
     )
     freq = _uniform(n, 2.6, 3.4, g)
