@@ -114,3 +114,19 @@ def test_merge_errors_name_the_problem():
         merge("ties", sd([1.0]), {"a": sd([2.0])}, lamda=0.3)
     with pytest.raises(TintError, match="'mean' or 'sum'"):
         merge("ties", sd([1.0]), {"a": sd([2.0])}, merge="median")
+
+
+def test_a_bug_inside_a_method_is_not_blamed_on_the_config():
+    from tintcli.merging import MERGE_METHODS
+
+    def broken(pretrained, experts, lam=0.3):
+        return len(None)  # a TypeError from the method's own code
+
+    MERGE_METHODS["broken_for_test"] = broken
+    try:
+        with pytest.raises(TypeError, match="NoneType"):
+            merge("broken_for_test", {}, {}, lam=0.1)
+        with pytest.raises(TintError, match="It takes: lam"):
+            merge("broken_for_test", {}, {}, lamda=0.1)
+    finally:
+        del MERGE_METHODS["broken_for_test"]

@@ -241,11 +241,14 @@ def _build_task(encoder_cfg: DictConfig, tasks_cfg: DictConfig, task: str, folde
     })
 
 
-def _zeroshot_head(root: Path, manifest: dict, task: str, logit_scale: float) -> ZeroShotHead:
+def _zeroshot_heads(root: Path, manifest: dict, tasks: list[str],
+                    logit_scale: float) -> dict[str, ZeroShotHead]:
+    """Each task's rows of the pretrained caption embeddings, as frozen zero-shot heads."""
     captions = load_state_dict(root / manifest["captions"]["file"], "the caption embeddings",
                                manifest["captions"]["sha256"])["embeddings"]
-    start, count = manifest["captions"]["offsets"][task]
-    return ZeroShotHead.from_embeddings(captions[start : start + count], logit_scale)
+    offsets = manifest["captions"]["offsets"]
+    return {t: ZeroShotHead.from_embeddings(captions[offsets[t][0]: sum(offsets[t])],
+                                            logit_scale) for t in tasks}
 
 
 def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
@@ -272,10 +275,10 @@ def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
                 _pretrain(encoder_cfg, root, device, progress)
                 manifest = _read_manifest(root / "manifest.json")
             pretrained = load_state_dict(root / "pretrained.safetensors", "the pretrained encoder")
+            heads = _zeroshot_heads(root, manifest, missing, float(encoder_cfg.logit_scale))
             for task in missing:
-                head = _zeroshot_head(root, manifest, task, float(encoder_cfg.logit_scale))
-                _build_task(encoder_cfg, tasks_cfg, task, folders[task], pretrained, head,
-                            device, progress)
+                _build_task(encoder_cfg, tasks_cfg, task, folders[task], pretrained,
+                            heads[task], device, progress)
     entries = {}
     for task, folder in folders.items():
         m = _read_manifest(folder / "manifest.json")

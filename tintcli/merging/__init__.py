@@ -9,6 +9,7 @@ plus one YAML under ``conf/method/`` whose fields (other than ``name``) are ``pa
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 
 from tintcli.errors import TintError
@@ -36,10 +37,14 @@ def get_method(name: str) -> MergeFn:
 def merge(name: str, pretrained: StateDict, experts: Mapping[str, StateDict],
           **params) -> StateDict:
     fn = get_method(name)
-    try:
-        return fn(pretrained, experts, **params)
-    except TypeError as err:  # a misspelt or missing parameter in the method's config
-        raise TintError(f"bad parameters for method '{name}': {err}") from err
+    signature = inspect.signature(fn)
+    try:  # check the config's parameters before running, so a bug inside fn stays a bug
+        signature.bind(pretrained, experts, **params)
+    except TypeError as err:
+        accepted = list(signature.parameters)[2:]
+        raise TintError(f"bad parameters for method '{name}': {err}\n"
+                        f"It takes: {', '.join(accepted) or 'no parameters'}") from err
+    return fn(pretrained, experts, **params)
 
 
 # Importing the modules registers their methods.
