@@ -42,9 +42,9 @@ def fail(err: TintError) -> None:
     """Print a TintError as `error: <first line>` plus its hints, and exit with status 2."""
     first, *rest = str(err).splitlines() or ["unknown error"]
     console = Console(stderr=True, highlight=False)
-    console.print(f"[bold red]error:[/] {first}")
+    console.print(f"[bold red]error:[/] {first}", soft_wrap=True)  # one line, never wrapped
     for line in rest:
-        console.print(f"  {line}")
+        console.print(f"  {line}", soft_wrap=True)
     sys.exit(2)
 
 

@@ -34,17 +34,22 @@ def get_method(name: str) -> MergeFn:
     return MERGE_METHODS[name]
 
 
-def merge(name: str, pretrained: StateDict, experts: Mapping[str, StateDict],
-          **params) -> StateDict:
+def check_parameters(name: str, params: Mapping[str, object]) -> MergeFn:
+    """The method, once its config's parameters match its signature (before any work)."""
     fn = get_method(name)
     signature = inspect.signature(fn)
-    try:  # check the config's parameters before running, so a bug inside fn stays a bug
-        signature.bind(pretrained, experts, **params)
+    try:  # binding, not calling: a TypeError from inside fn stays the bug it is
+        signature.bind(None, None, **params)
     except TypeError as err:
         accepted = list(signature.parameters)[2:]
         raise TintError(f"bad parameters for method '{name}': {err}\n"
                         f"It takes: {', '.join(accepted) or 'no parameters'}") from err
-    return fn(pretrained, experts, **params)
+    return fn
+
+
+def merge(name: str, pretrained: StateDict, experts: Mapping[str, StateDict],
+          **params) -> StateDict:
+    return check_parameters(name, params)(pretrained, experts, **params)
 
 
 # Importing the modules registers their methods.
@@ -54,6 +59,6 @@ from tintcli.merging.task_vectors import add_task_vector, task_vector  # noqa: E
 from tintcli.merging.ties import ties_merge, trim_top_k  # noqa: E402
 from tintcli.merging.weight_averaging import weight_average  # noqa: E402
 
-__all__ = ["MERGE_METHODS", "register", "get_method", "merge", "task_vector",
+__all__ = ["MERGE_METHODS", "register", "get_method", "check_parameters", "merge", "task_vector",
            "add_task_vector", "weight_average", "task_arithmetic_merge", "ties_merge",
            "trim_top_k"]

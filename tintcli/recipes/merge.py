@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from tintcli.io import save_state_dict
-from tintcli.merging import merge
+from tintcli.merging import check_parameters, merge
 from tintcli.recipes.common import Workbench
 from tintcli.report import realism_text, results_table
 from tintcli.tracking import claim_run_dir, log_wandb, versions, write_results
@@ -40,6 +40,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) 
     claim_run_dir(run_dir, cfg.overwrite)
     torch.manual_seed(cfg.seed)
     runs = method_runs(cfg.method)
+    for _, method_cfg in runs:
+        check_parameters(method_cfg.name, _params(method_cfg))
     bench = Workbench.load(cfg, console)
 
     rows = bench.reference_rows()
