@@ -12,9 +12,17 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}"
 
 
-def results_table(rows: list[dict[str, Any]], tasks: list[str], title: str) -> Table:
-    """One row per zero-shot / experts / merged encoder; top-1 accuracy in %."""
-    table = Table(title=title, title_justify="left")
+def results_table(rows: list[dict[str, Any]], tasks: list[str], title: str,
+                  width: int | None = None) -> Table:
+    """Top-1 accuracy in %: one row per zero-shot / experts / merged encoder, one column per
+    task. Where that would not fit ``width`` (an 80-column terminal with 8 tasks), the table
+    is transposed: one row per task, one column per method."""
+    caption = "top-1 accuracy %; norm = mean of accuracy / the task's expert accuracy"
+    wide = (max(len(r["name"]) for r in rows) + sum(max(5, len(t)) for t in tasks)
+            + 11 + 3 * (len(tasks) + 3))
+    if width is not None and wide > width:
+        return _by_task(rows, tasks, title, caption)
+    table = Table(title=title, title_justify="left", caption=caption)
     table.add_column("method", no_wrap=True)
     for task in tasks:
         table.add_column(task, justify="right")
@@ -25,7 +33,20 @@ def results_table(rows: list[dict[str, Any]], tasks: list[str], title: str) -> T
         table.add_row(row["name"], *[_pct(row["accuracy"][t]) for t in tasks],
                       _pct(row["average"]), _pct(row["normalized_average"]), style=style,
                       end_section=i + 1 < len(rows) and rows[i + 1]["kind"] != row["kind"])
-    table.caption = "top-1 accuracy %; norm = mean of accuracy / the task's expert accuracy"
+    return table
+
+
+def _by_task(rows: list[dict[str, Any]], tasks: list[str], title: str, caption: str) -> Table:
+    table = Table(title=title, title_justify="left", caption=caption)
+    table.add_column("task", no_wrap=True)
+    for row in rows:
+        table.add_column(row["name"], justify="right", overflow="fold",
+                         style="dim" if row["kind"] == "reference" else None)
+    for i, task in enumerate(tasks):
+        table.add_row(task, *[_pct(r["accuracy"][task]) for r in rows],
+                      end_section=i + 1 == len(tasks))
+    table.add_row("avg", *[_pct(r["average"]) for r in rows], style="bold")
+    table.add_row("norm", *[_pct(r["normalized_average"]) for r in rows])
     return table
 
 

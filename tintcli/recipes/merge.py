@@ -74,7 +74,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) 
     }
     path = write_results(run_dir, payload)
     title = f"{cfg.tasks.name} · {cfg.encoder.name} · {len(bench.tasks)} tasks"
-    console.print(results_table(rows, bench.tasks, title))
+    console.print(results_table(rows, bench.tasks, title, console.width))
     console.print(realism_text(realism))
     console.print(f"results: {path}")
     log_wandb(cfg, payload, run_dir)

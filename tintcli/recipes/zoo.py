@@ -17,7 +17,7 @@ def build(cfg: DictConfig, console: Console) -> dict:
     with console.status("checking the benchmark's realism targets"):
         realism = bench.realism()
     title = f"zoo {bench.zoo.pretrained_file.parent}"
-    console.print(results_table(bench.reference_rows(), bench.tasks, title))
+    console.print(results_table(bench.reference_rows(), bench.tasks, title, console.width))
     console.print(realism_text(realism))
     console.print(f"zoo ready in {time.time() - started:.0f}s")
     return realism

@@ -1,0 +1,26 @@
+"""The results table: every figure printed whole, at 80 columns and wide."""
+
+import pytest
+from rich.console import Console
+
+from tintcli.evaluation import summarize
+from tintcli.report import results_table
+
+TASKS = ["scenes", "vehicles", "aerial", "landuse", "house_numbers", "signs", "digits",
+         "textures"]
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_every_accuracy_is_printed_whole(width):
+    experts = {t: 0.9 + i / 100 for i, t in enumerate(TASKS)}
+    merged = {t: 0.5 + i / 100 for i, t in enumerate(TASKS)}
+    rows = [{"name": "experts", "kind": "reference", **summarize(experts, experts)},
+            {"name": "ties top_k=20 merge=sum λ=0.3", "kind": "merged",
+             **summarize(merged, experts)}]
+    console = Console(width=width, record=True)
+    console.print(results_table(rows, TASKS, "synth8", console.width))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= width
+    for value in [*experts.values(), *merged.values()]:
+        assert f"{100 * value:.1f}" in text
+    assert "house_numbers" in text and "100.0" in text and "53.5" in text
