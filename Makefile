@@ -2,7 +2,7 @@
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint
+.PHONY: setup run test lint bench
 setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -14,6 +14,9 @@ run: setup          ## the main job: merge on the built-in benchmark
 
 test: setup         ## the test suite
 	$(BIN)/python -m pytest -q
+
+bench: setup        ## adaptation step time vs a plain forward+backward (not a test)
+	$(BIN)/tint bench
 
 lint: setup
 	$(BIN)/ruff check tintcli tests

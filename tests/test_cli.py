@@ -76,7 +76,7 @@ def test_multirun_sweep_prints_and_writes_a_summary(run_tint, tmp_path):
                    f"hydra.sweep.dir={sweep}")
     assert out.returncode == 0, out.stderr
     summary = json.loads((sweep / "sweep.json").read_text())
-    assert [job["rows"][0]["params"]["lam"] for job in summary["jobs"]] == [0.1, 0.9]
+    assert [job["rows"][-1]["params"]["lam"] for job in summary["jobs"]] == [0.1, 0.9]
     assert "sweep summary" in out.stdout
     assert (sweep / "0" / "results.json").exists() and (sweep / "1" / "results.json").exists()
 
@@ -113,7 +113,7 @@ def test_unknown_method_and_bad_override_are_clear(run_tint):
 def test_unknown_command(run_tint):
     out = run_tint("mrege")
     assert out.returncode == 2
-    assert _first_line(out) == "error: unknown command 'mrege'; tint has: merge, zoo build"
+    assert _first_line(out) == "error: unknown command 'mrege'; tint has: merge, bench, zoo build"
 
 
 def test_zoo_build_reports_realism(run_tint):
@@ -129,6 +129,10 @@ def test_experiment_presets_compose():
     assert cfg.method.name == "task_arithmetic" and cfg.tasks.name == "synth8"
     cfg = compose_config(overrides=["+experiment=synth8_table"], tiny=False)
     assert set(cfg.method.methods) == {"weight_averaging", "task_arithmetic", "ties"}
+    cfg = compose_config(overrides=["+experiment=synth8_adaptive"], tiny=False)
+    methods = cfg.method.methods
+    assert methods.adamerging_task.granularity == "task" and methods.adamerging_pp.ties_top_k == 20
+    assert methods.tinting.sampler == "all" and methods.tinting_pp.sampler == "confidence"
 
 
 def test_wandb_offline_run_is_recorded(run_tint, tmp_path):
@@ -144,3 +148,70 @@ def test_merging_functions_are_importable_from_the_package():
 
     assert tintcli.ties_merge is tintcli.merging.ties.ties_merge
     assert {"weight_averaging", "task_arithmetic", "ties"} <= set(tintcli.MERGE_METHODS)
+
+
+FAST = ["method.methods.adamerging_task.steps=2", "method.methods.adamerging.steps=2",
+        "method.methods.adamerging_pp.steps=2", "method.methods.tinting.epochs=1",
+        "method.methods.tinting_pp.epochs=1"]
+
+
+def test_adaptive_methods_over_seeds_give_mean_and_std(run_tint, tmp_path):
+    sweep = tmp_path / "seeds"
+    out = run_tint("merge", "-m", *TINY, "method=tinting_pp", "method.epochs=2", "seed=0,1",
+                   f"hydra.sweep.dir={sweep}")
+    assert out.returncode == 0, out.stderr
+    assert "mean ± std over seeds 0, 1" in out.stdout
+    summary = json.loads((sweep / "sweep.json").read_text())
+    (group,) = summary["over_seeds"]
+    assert group["seeds"] == [0, 1]
+    runs = [json.loads((sweep / str(i) / "results.json").read_text()) for i in (0, 1)]
+    tinted = [r["rows"][-1] for r in runs]
+    row = next(r for r in group["rows"] if r["name"] == "Model Tinting++")
+    assert abs(row["average"]["mean"] - (tinted[0]["average"] + tinted[1]["average"]) / 2) < 1e-9
+    zeroshot = next(r for r in group["rows"] if r["name"] == "zero-shot")
+    assert zeroshot["average"]["std"] == 0.0  # the zoo does not depend on the seed
+
+    first = tinted[0]
+    assert first["params"]["sampler"] == "confidence" and first["params"]["epochs"] == 2
+    curve = first["adaptation"]["loss_curve"]
+    assert len(curve["loss"]) == 2 and curve["unit"].startswith("epoch")
+    lambdas = first["adaptation"]["lambdas"]
+    assert len(lambdas["values"]) == len(lambdas["layers"]) > 10
+    assert lambdas["tasks"] == ["signs", "digits", "textures"]
+    files = first["adaptation"]["files"]
+    assert open(files["heatmap"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    tints = load_file(files["tints"])
+    assert {"signs.weight", "signs.bias", "textures.weight"} <= set(tints)
+    assert load_file(files["lambdas"])["lambdas"].shape == (len(lambdas["layers"]), 3)
+    assert "blocks.0.attn.qkv.weight" in load_file(files["merged"])
+
+
+def test_sampler_group_sets_the_tinting_sampler(run_tint):
+    out = run_tint("merge", *TINY, "method=tinting", "sampler=confidence", "--cfg", "job",
+                   "--resolve")
+    assert out.returncode == 0, out.stderr
+    assert "sampler: confidence" in out.stdout
+
+
+def test_a_failing_method_keeps_the_rows_already_finished(run_tint, tmp_path):
+    run_dir = tmp_path / "partial"
+    out = run_tint("merge", *TINY, "method=all", *FAST, "method.methods.tinting.tint=blocks.9",
+                   f"hydra.run.dir={run_dir}")
+    assert out.returncode == 2
+    assert _first_line(out).startswith("error: cannot tint 'blocks.9'")
+    assert "Traceback" not in out.stderr
+    partial = json.loads((run_dir / "results.partial.json").read_text())
+    names = [r["name"] for r in partial["rows"]]
+    assert names[-1] == "AdaMerging++ (layer-wise)" and "ties top_k=20 merge=sum λ=0.3" in names
+    assert not (run_dir / "results.json").exists()
+
+
+def test_bench_times_both_adaptation_steps(run_tint, tmp_path):
+    out = run_tint("bench", *TINY, "repeats=2", "warmup=1", f"hydra.run.dir={tmp_path / 'b'}")
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "b" / "bench.json").read_text())["results"]
+    assert [r["step"].split()[0] for r in results] == ["AdaMerging", "Model"]
+    for r in results:
+        assert r["adaptive_s"] > 0 and r["plain_s"] > 0
+        assert abs(r["ratio"] - r["adaptive_s"] / r["plain_s"]) < 1e-12
+    assert "ratio" in out.stdout

@@ -24,6 +24,14 @@ def _merge(cfg: DictConfig, console: Console) -> None:
     merge.run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), console)
 
 
+def _bench(cfg: DictConfig, console: Console) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from tintcli.recipes import bench
+
+    bench.run(cfg, Path(HydraConfig.get().runtime.output_dir), console)
+
+
 def _zoo_build(cfg: DictConfig, console: Console) -> None:
     from tintcli.recipes import zoo
 
@@ -33,6 +41,7 @@ def _zoo_build(cfg: DictConfig, console: Console) -> None:
 # subcommand words -> (primary config in conf/, one-line help, recipe)
 SUBCOMMANDS: dict[str, tuple[str, str, Callable[[DictConfig, Console], None]]] = {
     "merge": ("merge", "merge the experts and score the merged encoder on every task", _merge),
+    "bench": ("bench", "time an adaptation step against a plain forward+backward", _bench),
     "zoo build": ("zoo", "build (or find cached) the benchmark zoo and check its realism",
                   _zoo_build),
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -26,8 +26,22 @@ def evaluate_state(encoder: nn.Module, state: StateDict, heads: Mapping[str, nn.
                    test_sets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                    device: torch.device) -> dict[str, float]:
     """Load ``state`` into ``encoder`` and score it on every task with that task's head."""
-    encoder.load_state_dict(state)
-    return {task: accuracy(encoder, heads[task], *test_sets[task], device) for task in test_sets}
+    return evaluate_tasks(encoder, lambda task: state, heads, test_sets, device)
+
+
+def evaluate_tasks(encoder: nn.Module, state_for: Callable[[str], StateDict],
+                   heads: Mapping[str, nn.Module],
+                   test_sets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                   device: torch.device) -> dict[str, float]:
+    """Score each task with its own encoder state (a tinted encoder differs per task)."""
+    out, loaded = {}, None
+    for task in test_sets:
+        state = state_for(task)
+        if state is not loaded:
+            encoder.load_state_dict(state)
+            loaded = state
+        out[task] = accuracy(encoder, heads[task], *test_sets[task], device)
+    return out
 
 
 def summarize(acc: Mapping[str, float], expert_acc: Mapping[str, float]) -> dict:

@@ -33,7 +33,7 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _atomic(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write through a temporary file in the same folder and rename: readers never see half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,13 +56,13 @@ def write_json(path: Path, payload: Any) -> None:
             json.dump(payload, f, indent=2, default=str)
             f.write("\n")
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def save_state_dict(state: Mapping[str, torch.Tensor], path: Path, metadata: dict | None = None):
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def load_state_dict(path: Path, what: str, expected_sha256: str | None = None) -> StateDict:

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
+
+
+def progress_bar(console: Console) -> Progress:
+    """The bar every long job shows: label, bar, steps done, a free ``info`` field, time."""
+    return Progress(TextColumn("{task.description}"), BarColumn(),
+                    TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                    TimeElapsedColumn(), console=console, transient=False)
 
 
 def _pct(x: float | None) -> str:
@@ -70,10 +79,39 @@ def sweep_table(jobs: list[dict[str, Any]]) -> Table:
     table.add_column("method")
     table.add_column("avg", justify="right", style="bold")
     table.add_column("norm", justify="right")
-    best = max(r["average"] for job in jobs for r in job["rows"])
-    for num, job in enumerate(jobs):
-        for row in job["rows"]:
+    merged = [[r for r in job["rows"] if r["kind"] == "merged"] for job in jobs]
+    best = max(r["average"] for rows in merged for r in rows)
+    for num, (job, rows) in enumerate(zip(jobs, merged, strict=True)):
+        for row in rows:
             mark = " ★" if row["average"] == best else ""
             table.add_row(str(num), " ".join(job["overrides"]) or "-", row["name"],
                           _pct(row["average"]) + mark, _pct(row["normalized_average"]))
+    return table
+
+
+def _pm(stat: dict[str, float | None]) -> str:
+    if stat["mean"] is None:
+        return "-"
+    return f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}"
+
+
+def seeds_table(group: dict[str, Any], width: int | None = None) -> Table:
+    """Mean ± std over seeds per method; per-task means too where the width allows."""
+    tasks = group["tasks"]
+    names = max(len(r["name"]) for r in group["rows"])
+    per_task = width is None or names + 30 + sum(max(5, len(t)) + 3 for t in tasks) <= width
+    title = (f"mean ± std over seeds {', '.join(map(str, group['seeds']))}"
+             + (f" · {' '.join(group['overrides'])}" if group["overrides"] else ""))
+    table = Table(title=title, title_justify="left", caption="top-1 accuracy %")
+    table.add_column("method", no_wrap=True)
+    for task in tasks if per_task else []:
+        table.add_column(task, justify="right")
+    table.add_column("avg", justify="right", style="bold")
+    table.add_column("norm", justify="right")
+    for i, row in enumerate(group["rows"]):
+        cells = [_pct(row["accuracy"][t]["mean"]) for t in tasks] if per_task else []
+        table.add_row(row["name"], *cells, _pm(row["average"]), _pm(row["normalized_average"]),
+                      style="dim" if row["kind"] == "reference" else None,
+                      end_section=i + 1 < len(group["rows"])
+                      and group["rows"][i + 1]["kind"] != row["kind"])
     return table

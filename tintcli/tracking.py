@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import statistics
 import subprocess
 from importlib import metadata
 from pathlib import Path
@@ -76,7 +77,8 @@ def log_wandb(cfg: DictConfig, payload: dict[str, Any], run_dir: Path) -> None:
 
 
 class SweepSummary(Callback):
-    """After a multirun, print one table of every job's averages and write sweep.json."""
+    """After a multirun, print one table of every job's averages and write sweep.json; jobs
+    that differ only in ``seed`` are also aggregated into mean ± std per method."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -84,13 +86,50 @@ class SweepSummary(Callback):
         for path in sorted(sweep_dir.glob(f"*/{RESULTS}"), key=lambda p: _job_num(p.parent)):
             result = json.loads(path.read_text())
             jobs.append({"dir": str(path.parent), "overrides": result.get("overrides", []),
-                         "rows": [r for r in result["rows"] if r["kind"] == "merged"]})
+                         "seed": result.get("seed"), "tasks": result["tasks"],
+                         "rows": result["rows"]})
         if not jobs:
             return
-        write_json(sweep_dir / "sweep.json", {"jobs": jobs})
-        from tintcli.report import sweep_table
+        seeds = over_seeds(jobs)
+        write_json(sweep_dir / "sweep.json", {"jobs": jobs, "over_seeds": seeds})
+        from tintcli.report import seeds_table, sweep_table
 
-        Console().print(sweep_table(jobs))
+        console = Console()
+        console.print(sweep_table(jobs))
+        for group in seeds:
+            console.print(seeds_table(group, console.width))
+
+
+def over_seeds(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and sample std over the jobs that differ only in their ``seed=`` override."""
+    groups: dict[tuple[str, ...], list[dict]] = {}
+    for job in jobs:
+        key = tuple(o for o in job["overrides"] if not o.lstrip("+").startswith("seed="))
+        groups.setdefault(key, []).append(job)
+    out = []
+    for key, members in groups.items():
+        if len(members) < 2:
+            continue
+        rows = []
+        for row in members[0]["rows"]:
+            same = [next(r for r in m["rows"] if r["name"] == row["name"]) for m in members]
+            rows.append({"name": row["name"], "kind": row["kind"],
+                         "average": _mean_std([r["average"] for r in same]),
+                         "normalized_average": _mean_std(
+                             [r["normalized_average"] for r in same
+                              if r["normalized_average"] is not None]),
+                         "accuracy": {t: _mean_std([r["accuracy"][t] for r in same])
+                                      for t in row["accuracy"]}})
+        out.append({"overrides": list(key), "seeds": [m["seed"] for m in members],
+                    "tasks": members[0]["tasks"], "rows": rows})
+    return out
+
+
+def _mean_std(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"mean": None, "std": None}
+    return {"mean": statistics.fmean(values),
+            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
 def _job_num(path: Path) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from tintcli.encoders import build_encoder, preprocess
 from tintcli.errors import TintError
@@ -42,6 +42,7 @@ from tintcli.io import (
     write_json,
 )
 from tintcli.paths import cache_dir
+from tintcli.report import progress_bar
 from tintcli.tasks import GENERATOR_VERSION, available_tasks, load_split
 from tintcli.training import train_classifier
 
@@ -154,12 +155,6 @@ def _check_sizes(encoder_cfg: DictConfig, tasks_cfg: DictConfig) -> None:
                         "Pick a matching encoder or set tasks.image_size.")
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(),
-                    TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
-                    TimeElapsedColumn(), console=console, transient=False)
-
-
 def _train_with_bar(progress: Progress, label: str, steps: int, **kwargs) -> list[float]:
     bar = progress.add_task(label, total=steps, info="")
 
@@ -270,7 +265,7 @@ def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
         console.print(f"[bold]Building the {encoder_cfg.name} zoo[/] in {root} "
                       f"({'pretrained encoder + ' if manifest is None else ''}"
                       f"{len(missing)} expert(s)); it is cached for later runs.")
-        with _progress(console) as progress:
+        with progress_bar(console) as progress:
             if manifest is None:
                 _pretrain(encoder_cfg, root, device, progress)
                 manifest = _read_manifest(root / "manifest.json")

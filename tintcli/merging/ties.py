@@ -45,6 +45,10 @@ def elect_signs(trimmed: list[Mapping[str, torch.Tensor]]) -> StateDict:
     return {key: torch.where(s == 0, majority, s) for key, s in signs.items()}
 
 
+def _agrees(vector: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    return ((vector > 0) & (sign > 0)) | ((vector < 0) & (sign < 0))
+
+
 def disjoint_merge(trimmed: list[Mapping[str, torch.Tensor]], signs: Mapping[str, torch.Tensor],
                    merge: str) -> StateDict:
     if merge not in ("mean", "sum"):
@@ -52,13 +56,21 @@ def disjoint_merge(trimmed: list[Mapping[str, torch.Tensor]], signs: Mapping[str
     out = {}
     for key, sign in signs.items():
         stacked = torch.stack([t[key] for t in trimmed])
-        agrees = ((stacked > 0) & (sign > 0)) | ((stacked < 0) & (sign < 0))
-        selected = stacked * agrees
-        total = selected.sum(0)
+        agrees = _agrees(stacked, sign)
+        total = (stacked * agrees).sum(0)
         if merge == "mean":
             total = total / agrees.sum(0).clamp(min=1)
         out[key] = total
     return out
+
+
+def ties_task_vectors(vectors: list[Mapping[str, torch.Tensor]],
+                      top_k: float = 20) -> list[StateDict]:
+    """Steps 1-2 without the merge: each task vector trimmed, keeping only the entries that
+    agree with the elected sign. AdaMerging++ learns coefficients for these."""
+    trimmed = [trim_top_k(v, top_k) for v in vectors]
+    signs = elect_signs(trimmed)
+    return [{key: t[key] * _agrees(t[key], signs[key]) for key in signs} for t in trimmed]
 
 
 @register("ties")

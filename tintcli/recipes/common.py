@@ -9,9 +9,10 @@ from omegaconf import DictConfig
 from rich.console import Console
 from torch import nn
 
+from tintcli.adaptation import AdaptationContext, Adapted
 from tintcli.benchmark import realism
 from tintcli.encoders import build_encoder, resolve_device
-from tintcli.evaluation import evaluate_state, summarize
+from tintcli.evaluation import evaluate_state, evaluate_tasks, summarize
 from tintcli.io import StateDict
 from tintcli.tasks import task_names
 from tintcli.zoo import Zoo, ensure_zoo, test_sets
@@ -47,6 +48,17 @@ class Workbench:
     def score(self, state: StateDict) -> dict[str, float]:
         """Per-task top-1 accuracy of an encoder state with each task's head."""
         return evaluate_state(self.encoder, state, self.heads, self.test_data, self.device)
+
+    def score_adapted(self, adapted: Adapted) -> dict[str, float]:
+        """Per-task accuracy of an adapted model: its merged encoder (with the task's tint)
+        and the task's own, possibly tinted, head."""
+        return evaluate_tasks(self.encoder, adapted.task_state, adapted.heads, self.test_data,
+                              self.device)
+
+    def adaptation_context(self, seed: int) -> AdaptationContext:
+        """Test-time adaptation uses each task's unlabeled test images, as in the papers."""
+        return AdaptationContext(self.encoder, self.heads,
+                                 {t: self.test_data[t][0] for t in self.tasks}, self.device, seed)
 
     def row(self, name: str, accuracy: dict[str, float], kind: str = "merged", **extra) -> dict:
         return {"name": name, "kind": kind, **extra, **summarize(accuracy, self.expert_accuracy)}

@@ -1,0 +1,136 @@
+"""Test-time adaptation: what AdaMerging and Model Tinting share.
+
+An adaptive method learns merging coefficients (and, for Tinting, one task-specific layer per
+task) on unlabeled test images. The pieces here are method-agnostic:
+
+- ``AdaptationContext``: the adaptation images, heads and device of one run, plus the experts'
+  outputs on those images, computed once and reused (they never change during adaptation);
+- ``LambdaMerger`` (merger.py): theta(lambda) built on the device from stacked task vectors;
+- ``SAMPLERS`` (samplers.py): which pseudo-labelled samples a step learns from;
+- ``Adapted``: what a method returns, and what tint scores and saves.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tintcli.errors import TintError
+from tintcli.io import StateDict
+
+StepCallback = Callable[[int, int, float], None]  # (steps done, total steps, last loss)
+
+
+@dataclass
+class AdaptationContext:
+    """Unlabeled adaptation images of every task, with the encoder and heads to run them."""
+
+    encoder: nn.Module                     # the architecture; weights come per step
+    heads: Mapping[str, nn.Module]         # each task's zero-shot head (left untouched)
+    images: Mapping[str, torch.Tensor]     # preprocessed, unlabeled; kept on the CPU
+    device: torch.device
+    seed: int = 0
+    on_step: StepCallback | None = None
+    _expert_logits: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.images)
+
+    def head(self, task: str) -> nn.Module:
+        return self.heads[task].to(self.device).eval().requires_grad_(False)
+
+    @torch.inference_mode()
+    def expert_logits(self, experts: Mapping[str, StateDict],
+                      batch_size: int = 512) -> dict[str, torch.Tensor]:
+        """Each expert's logits on its task's adaptation images, on the device: computed on
+        first use and reused for the rest of the run, by every method that needs them."""
+        for task in self.tasks:
+            if task in self._expert_logits:
+                continue
+            encoder = copy.deepcopy(self.encoder).to(self.device).eval()
+            encoder.load_state_dict(experts[task])
+            head, images = self.head(task), self.images[task]
+            self._expert_logits[task] = torch.cat([
+                head(encoder(images[i : i + batch_size].to(self.device)))
+                for i in range(0, len(images), batch_size)])
+        return self._expert_logits
+
+    def generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+    def report(self, done: int, total: int, loss: float) -> None:
+        if self.on_step is not None:
+            self.on_step(done, total, loss)
+
+
+def batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless shuffled batches of indices into ``count`` samples: each pass over the data
+    is a new permutation (like a shuffled DataLoader); a short remainder is dropped."""
+    batch_size = min(batch_size, count)
+    while True:
+        order = torch.randperm(count, generator=generator)
+        for i in range(0, count - batch_size + 1, batch_size):
+            yield order[i : i + batch_size]
+
+
+def task_vectors(pretrained: StateDict, experts: Mapping[str, StateDict],
+                 tasks: list[str]) -> list[StateDict]:
+    """tau_k for each task, refusing an expert with NaN/inf weights (it would poison every
+    task's merged weights, and the loss of the first task would take the blame)."""
+    from tintcli.merging.task_vectors import task_vector
+
+    vectors = []
+    for task in tasks:
+        vector = task_vector(experts[task], pretrained)
+        bad = next((k for k, v in vector.items() if not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise TintError(f"the expert for task '{task}' has NaN/inf weights in '{bad}'\n"
+                            "Rebuild or re-download that task's checkpoint.")
+        vectors.append(vector)
+    return vectors
+
+
+def check_finite(loss: torch.Tensor, method: str, step: int, task: str) -> None:
+    """Stop at once, naming where, when adaptation diverges (NaN or inf loss)."""
+    value = loss.detach().item()
+    if not math.isfinite(value):
+        raise TintError(f"{method}: the adaptation loss is {value} at step {step} on task "
+                        f"'{task}'\nCheck that task's expert checkpoint for NaN/inf weights, or "
+                        "lower the method's lr.")
+
+
+@dataclass
+class Adapted:
+    """An adaptive method's outcome: one merged encoder, plus per-task tints.
+
+    ``heads`` hold each task's head (tinted, or the zero-shot one); ``tints`` hold, per task,
+    the encoder entries that task overrides (empty unless an encoder module was tinted);
+    ``tinted`` names what was tinted ("head", a module name, or None).
+    ``lambdas`` is [layers, tasks] (task-wise methods have one row, ``layer_names == ['all']``).
+    """
+
+    method: str
+    state: StateDict
+    heads: dict[str, nn.Module]
+    tints: dict[str, StateDict]
+    lambdas: torch.Tensor
+    layer_names: list[str]
+    tasks: list[str]
+    loss_curve: dict[str, object]
+    tinted: str | None = None
+
+    def task_state(self, task: str) -> StateDict:
+        return {**self.state, **self.tints[task]} if task in self.tints else self.state
+
+
+from tintcli.adaptation.merger import LambdaMerger  # noqa: E402
+from tintcli.adaptation.samplers import SAMPLERS, pseudo_label_loss  # noqa: E402
+
+__all__ = ["AdaptationContext", "Adapted", "LambdaMerger", "SAMPLERS", "batches",
+           "check_finite", "pseudo_label_loss", "task_vectors"]

@@ -1,0 +1,63 @@
+"""theta(lambda) = theta_0 + sum_k lambda_k tau_k, computed on the device at every step.
+
+The task vectors are stacked once per tensor ([tasks, *shape], on the device) and combined
+with the current coefficients by one tensordot per tensor; the encoder then runs on the
+result through ``torch.func.functional_call``. Nothing is rebuilt and nothing goes through
+the CPU, and beyond theta_0 and one merged copy, memory grows with the number of tasks only by
+the task vectors themselves. Autograd carries the gradient back to lambda:
+d loss / d lambda_kl = <d loss / d theta_l, tau_kl>.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from tintcli.errors import TintError
+from tintcli.io import StateDict
+
+
+class LambdaMerger(nn.Module):
+    """Learnable merging coefficients over stacked task vectors.
+
+    ``granularity="task"``: one lambda per task (AdaMerging task-wise);
+    ``granularity="layer"``: one lambda per task and parameter tensor (layer-wise).
+    Coefficients are clamped to [0, 1] where they are used, as in the official code; theta_0's
+    own coefficient stays 1.
+    """
+
+    def __init__(self, pretrained: Mapping[str, torch.Tensor],
+                 vectors: Sequence[Mapping[str, torch.Tensor]], granularity: str = "layer",
+                 init: float = 0.3, device: torch.device | str = "cpu"):
+        super().__init__()
+        if granularity not in ("task", "layer"):
+            raise TintError(f"granularity must be 'task' or 'layer', got '{granularity}'")
+        if not vectors:
+            raise TintError("adaptive merging needs at least one task vector")
+        self.granularity = granularity
+        self.keys = [k for k in pretrained if k in vectors[0]]  # the merged (float) entries
+        self.base = {k: v.to(device) for k, v in pretrained.items()}
+        self.stacked = [torch.stack([v[k].float() for v in vectors]).to(device)
+                        for k in self.keys]
+        rows = len(self.keys) if granularity == "layer" else 1
+        self.raw = nn.Parameter(torch.full((rows, len(vectors)), float(init), device=device))
+
+    @property
+    def layer_names(self) -> list[str]:
+        return list(self.keys) if self.granularity == "layer" else ["all"]
+
+    def lambdas(self) -> torch.Tensor:
+        """[rows, tasks], clamped to [0, 1]."""
+        return self.raw.clamp(0.0, 1.0)
+
+    def forward(self) -> StateDict:
+        """The merged state dict, differentiable in lambda."""
+        lam = self.lambdas()
+        merged = dict(self.base)
+        for i, (key, stacked) in enumerate(zip(self.keys, self.stacked, strict=True)):
+            row = lam[i] if self.granularity == "layer" else lam[0]
+            merged[key] = self.base[key] + torch.tensordot(row, stacked, dims=1).to(
+                self.base[key].dtype)
+        return merged

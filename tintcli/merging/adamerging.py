@@ -1,0 +1,104 @@
+"""AdaMerging (Yang et al., ICLR 2024) and AdaMerging++, as PAPER.md defines them.
+
+theta = theta_0 + sum_k lambda_k tau_k with one lambda per task (task-wise) or per task and
+parameter tensor (layer-wise), learned on unlabeled test images by minimising the Shannon
+entropy of each task's predictions (mean over its batch), summed over tasks. Heads frozen;
+Adam, lr 1e-3, 500 steps, lambda from 0.3, clamped to [0, 1]. AdaMerging++ does the same with
+TIES-trimmed, sign-consistent task vectors (``ties_top_k``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch.func import functional_call
+
+from tintcli.adaptation import (
+    AdaptationContext,
+    Adapted,
+    LambdaMerger,
+    batches,
+    check_finite,
+    task_vectors,
+)
+from tintcli.io import StateDict
+from tintcli.merging import register
+from tintcli.merging.ties import ties_task_vectors
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean Shannon entropy of the softmax predictions over the batch."""
+    log_p = logits.float().log_softmax(-1)
+    return -(log_p.exp() * log_p).sum(-1).mean()
+
+
+class AdaMerging:
+    """One AdaMerging run: the coefficients, their optimiser and a batch stream per task."""
+
+    name = "adamerging"
+
+    def __init__(self, pretrained: StateDict, experts: Mapping[str, StateDict],
+                 context: AdaptationContext, granularity: str = "layer",
+                 ties_top_k: float | None = None, lam_init: float = 0.3, lr: float = 1e-3,
+                 batch_size: int = 32):
+        self.context = context
+        self.tasks = context.tasks
+        vectors = task_vectors(pretrained, experts, self.tasks)
+        if ties_top_k is not None:
+            vectors = ties_task_vectors(vectors, ties_top_k)
+        self.merger = LambdaMerger(pretrained, vectors, granularity, lam_init, context.device)
+        self.optimizer = torch.optim.Adam(self.merger.parameters(), lr=lr, betas=(0.9, 0.999))
+        generator = context.generator()
+        self.streams = {t: batches(len(context.images[t]), batch_size, generator)
+                        for t in self.tasks}
+        self.encoder = context.encoder.to(context.device).eval()
+        self.steps_done = 0
+
+    def next_batches(self) -> dict[str, torch.Tensor]:
+        return {t: self.context.images[t][next(self.streams[t])].to(self.context.device)
+                for t in self.tasks}
+
+    def step(self, images: dict[str, torch.Tensor] | None = None) -> float:
+        """One step over every task's batch. Each task's forward/backward runs on its own
+        (so memory holds one task's activations at a time) into a detached copy of the merged
+        weights; one backward then carries the summed gradient through the merge to lambda."""
+        images = self.next_batches() if images is None else images
+        merged = self.merger()
+        leaves = {k: merged[k].detach().requires_grad_() for k in self.merger.keys}
+        weights = {**merged, **leaves}
+        total = 0.0
+        for task in self.tasks:
+            logits = self.context.head(task)(functional_call(self.encoder, weights,
+                                                             (images[task],)))
+            loss = entropy(logits)
+            check_finite(loss, self.name, self.steps_done + 1, task)
+            loss.backward()
+            total += loss.item()
+        self.optimizer.zero_grad()
+        torch.autograd.backward([merged[k] for k in self.merger.keys],
+                                [leaves[k].grad for k in self.merger.keys])
+        self.optimizer.step()
+        self.steps_done += 1
+        return total
+
+    def result(self, loss_curve: list[float]) -> Adapted:
+        with torch.no_grad():
+            state = {k: v.detach().cpu() for k, v in self.merger().items()}
+        return Adapted(self.name, state, dict(self.context.heads), {},
+                       self.merger.lambdas().detach().cpu(), self.merger.layer_names,
+                       self.tasks, {"unit": "step", "loss": loss_curve})
+
+
+@register("adamerging", adaptive=True)
+def adamerging_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
+                     context: AdaptationContext, granularity: str = "layer",
+                     ties_top_k: float | None = None, lam_init: float = 0.3, lr: float = 1e-3,
+                     steps: int = 500, batch_size: int = 32) -> Adapted:
+    run = AdaMerging(pretrained, experts, context, granularity, ties_top_k, lam_init, lr,
+                     batch_size)
+    curve = []
+    for _ in range(steps):
+        curve.append(run.step())
+        context.report(run.steps_done, steps, curve[-1])
+    return run.result(curve)
