@@ -1,8 +1,9 @@
 """theta(lambda) = theta_0 + sum_k lambda_k tau_k, computed on the device at every step.
 
-The task vectors are stacked once per tensor ([tasks, *shape], on the device) and combined
-with the current coefficients by one tensordot per tensor; the encoder then runs on the
-result through ``torch.func.functional_call``. Nothing is rebuilt and nothing goes through
+The task vectors are stacked once, on the device, grouping the tensors of equal shape (a
+ViT's blocks repeat a dozen shapes): [tensors, tasks, numel] per group. Each step combines
+them with the current coefficients by one batched matmul per group, and the encoder runs on
+the result through ``torch.func.functional_call``. Nothing is rebuilt and nothing goes through
 the CPU, and beyond theta_0 and one merged copy, memory grows with the number of tasks only by
 the task vectors themselves. Autograd carries the gradient back to lambda:
 d loss / d lambda_kl = <d loss / d theta_l, tau_kl>.
@@ -39,8 +40,16 @@ class LambdaMerger(nn.Module):
         self.granularity = granularity
         self.keys = [k for k in pretrained if k in vectors[0]]  # the merged (float) entries
         self.base = {k: v.to(device) for k, v in pretrained.items()}
-        self.stacked = [torch.stack([v[k].float() for v in vectors]).to(device)
-                        for k in self.keys]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, key in enumerate(self.keys):
+            by_shape.setdefault(tuple(pretrained[key].shape), []).append(i)
+        # per group: (layer indices, theta_0 [n, numel], task vectors [n, tasks, numel])
+        self.groups = [
+            (rows, torch.tensor(rows, device=device),
+             torch.stack([self.base[self.keys[i]].float().flatten() for i in rows]),
+             torch.stack([torch.stack([v[self.keys[i]].float().flatten() for v in vectors])
+                          for i in rows]).to(device))
+            for rows in by_shape.values()]
         rows = len(self.keys) if granularity == "layer" else 1
         self.raw = nn.Parameter(torch.full((rows, len(vectors)), float(init), device=device))
 
@@ -56,8 +65,10 @@ class LambdaMerger(nn.Module):
         """The merged state dict, differentiable in lambda."""
         lam = self.lambdas()
         merged = dict(self.base)
-        for i, (key, stacked) in enumerate(zip(self.keys, self.stacked, strict=True)):
-            row = lam[i] if self.granularity == "layer" else lam[0]
-            merged[key] = self.base[key] + torch.tensordot(row, stacked, dims=1).to(
-                self.base[key].dtype)
+        for rows, index, base, stacked in self.groups:
+            coeff = lam[index] if self.granularity == "layer" else lam.expand(len(rows), -1)
+            group = base + torch.bmm(coeff.unsqueeze(1), stacked).squeeze(1)
+            for i, flat in zip(rows, group.unbind(0), strict=True):
+                key = self.keys[i]
+                merged[key] = flat.view_as(self.base[key]).to(self.base[key].dtype)
         return merged
