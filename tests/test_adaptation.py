@@ -117,6 +117,10 @@ def test_adamerging_lowers_the_entropy(bench):
     curve = adapted.loss_curve["loss"]
     assert len(curve) == 8 and curve[-1] < curve[0]
     assert adapted.lambdas.shape == (len(adapted.layer_names), 3)
+    # rows run through the encoder from input to output, not in the checkpoint's name order
+    assert adapted.layer_names[0] == "cls_token" and adapted.layer_names[-1] == "norm.bias"
+    assert adapted.layer_names.index("patch_embed.proj.weight") < adapted.layer_names.index(
+        "blocks.0.norm1.weight")
     assert not torch.allclose(adapted.lambdas, torch.full_like(adapted.lambdas, 0.3))
     assert ((adapted.lambdas >= 0) & (adapted.lambdas <= 1)).all()
 

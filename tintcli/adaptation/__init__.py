@@ -42,6 +42,12 @@ class AdaptationContext:
     def tasks(self) -> list[str]:
         return list(self.images)
 
+    def in_encoder_order(self, state: StateDict) -> StateDict:
+        """``state`` with its entries in the encoder's own order (input to output), so that
+        layer-wise lambdas read from the patch embedding up (checkpoints sort keys by name)."""
+        order = [k for k in self.encoder.state_dict() if k in state]
+        return {**{k: state[k] for k in order}, **state}
+
     def head(self, task: str) -> nn.Module:
         return self.heads[task].to(self.device).eval().requires_grad_(False)
 

@@ -44,6 +44,7 @@ class AdaMerging:
                  batch_size: int = 32):
         self.context = context
         self.tasks = context.tasks
+        pretrained = context.in_encoder_order(pretrained)
         vectors = task_vectors(pretrained, experts, self.tasks)
         if ties_top_k is not None:
             vectors = ties_task_vectors(vectors, ties_top_k)

@@ -60,6 +60,7 @@ class Tinting:
         self.tasks = context.tasks
         self.sampler = SAMPLERS[sampler]
         self.encoder = context.encoder.to(context.device).eval()
+        pretrained = context.in_encoder_order(pretrained)
         vectors = task_vectors(pretrained, experts, self.tasks)
         self.merger = LambdaMerger(pretrained, vectors, "layer", lam_init, context.device)
         self.tint = tint
