@@ -51,15 +51,14 @@ class AdaptationContext:
     def head(self, task: str) -> nn.Module:
         return self.heads[task].to(self.device).eval().requires_grad_(False)
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: these become targets inside autograd graphs
     def expert_logits(self, experts: Mapping[str, StateDict],
                       batch_size: int = 512) -> dict[str, torch.Tensor]:
         """Each expert's logits on its task's adaptation images, on the device: computed on
         first use and reused for the rest of the run, by every method that needs them."""
-        for task in self.tasks:
-            if task in self._expert_logits:
-                continue
-            encoder = copy.deepcopy(self.encoder).to(self.device).eval()
+        missing = [t for t in self.tasks if t not in self._expert_logits]
+        encoder = copy.deepcopy(self.encoder).to(self.device).eval() if missing else None
+        for task in missing:
             encoder.load_state_dict(experts[task])
             head, images = self.head(task), self.images[task]
             self._expert_logits[task] = torch.cat([
