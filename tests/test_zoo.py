@@ -96,3 +96,22 @@ def test_heads_are_the_pretrained_caption_embeddings(tiny_cache):
     rows = torch.nn.functional.normalize(captions[start : start + count], dim=-1) * 100
     head = zoo.head("digits")
     assert torch.allclose(head.weight, rows) and torch.equal(head.bias, torch.zeros(count))
+
+
+def test_an_expert_with_nan_weights_is_refused_on_load(tiny_cache):
+    """A checkpoint intact on disk (its sha256 matches) but trained into NaN."""
+    import dataclasses
+
+    from tintcli.io import save_state_dict, sha256_file
+
+    _, zoo = _zoo()
+    entry = zoo.entries["digits"]
+    state = zoo.expert("digits")
+    state["norm.weight"] = torch.full_like(state["norm.weight"], float("nan"))
+    path = tiny_cache / "nan-expert.safetensors"
+    save_state_dict(state, path)
+    broken = dataclasses.replace(zoo, entries={**zoo.entries, "digits": dataclasses.replace(
+        entry, expert_file=path, expert_sha256=sha256_file(path))})
+    with pytest.raises(TintError, match="the expert for task 'digits' has NaN/inf weights in "
+                                        "'norm.weight'"):
+        broken.expert("digits")

@@ -81,6 +81,15 @@ def load_state_dict(path: Path, what: str, expected_sha256: str | None = None) -
                         f"file ({err})") from err
 
 
+def check_finite_weights(state: Mapping[str, torch.Tensor], what: str) -> None:
+    """A checkpoint with NaN/inf weights poisons every merge it enters: refuse it by name."""
+    bad = next((k for k, v in state.items() if v.is_floating_point()
+                and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise TintError(f"{what} has NaN/inf weights in '{bad}'\n"
+                        "Rebuild or re-download that checkpoint.")
+
+
 def check_same_layout(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
                       what: str) -> None:
     """Experts must have exactly the pretrained encoder's keys and shapes to be merged."""

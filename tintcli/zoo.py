@@ -34,6 +34,7 @@ from tintcli.evaluation import accuracy
 from tintcli.heads import CaptionEmbeddings, ZeroShotHead
 from tintcli.io import (
     StateDict,
+    check_finite_weights,
     check_same_layout,
     fingerprint,
     load_state_dict,
@@ -87,6 +88,7 @@ class Zoo:
         entry = self.entry(task)
         state = load_state_dict(entry.expert_file, f"expert '{task}'", entry.expert_sha256)
         check_same_layout(pretrained or self.pretrained(), state, f"expert '{task}'")
+        check_finite_weights(state, f"the expert for task '{task}'")
         return state
 
     def head(self, task: str) -> ZeroShotHead:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tintcli.errors import TintError
-from tintcli.io import StateDict
+from tintcli.io import StateDict, check_finite_weights
 
 StepCallback = Callable[[int, int, float], None]  # (steps done, total steps, last loss)
 
@@ -42,11 +42,19 @@ class AdaptationContext:
     def tasks(self) -> list[str]:
         return list(self.images)
 
-    def in_encoder_order(self, state: StateDict) -> StateDict:
-        """``state`` with its entries in the encoder's own order (input to output), so that
-        layer-wise lambdas read from the patch embedding up (checkpoints sort keys by name)."""
-        order = [k for k in self.encoder.state_dict() if k in state]
-        return {**{k: state[k] for k in order}, **state}
+    def task_vectors(self, pretrained: StateDict,
+                     experts: Mapping[str, StateDict]) -> tuple[StateDict, list[StateDict]]:
+        """theta_0 and tau_k for each task, in the encoder's own order (input to output), so
+        that layer-wise lambdas read from the patch embedding up (checkpoints sort keys by
+        name). An expert with NaN/inf weights is refused by name: it would poison every task's
+        merged weights, and the first task's loss would take the blame."""
+        from tintcli.merging.task_vectors import task_vector
+
+        order = [k for k in self.encoder.state_dict() if k in pretrained]
+        pretrained = {**{k: pretrained[k] for k in order}, **pretrained}
+        for task in self.tasks:
+            check_finite_weights(experts[task], f"the expert for task '{task}'")
+        return pretrained, [task_vector(experts[t], pretrained) for t in self.tasks]
 
     def head(self, task: str) -> nn.Module:
         return self.heads[task].to(self.device).eval().requires_grad_(False)
@@ -82,23 +90,6 @@ def batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator
         order = torch.randperm(count, generator=generator)
         for i in range(0, count - batch_size + 1, batch_size):
             yield order[i : i + batch_size]
-
-
-def task_vectors(pretrained: StateDict, experts: Mapping[str, StateDict],
-                 tasks: list[str]) -> list[StateDict]:
-    """tau_k for each task, refusing an expert with NaN/inf weights (it would poison every
-    task's merged weights, and the loss of the first task would take the blame)."""
-    from tintcli.merging.task_vectors import task_vector
-
-    vectors = []
-    for task in tasks:
-        vector = task_vector(experts[task], pretrained)
-        bad = next((k for k, v in vector.items() if not torch.isfinite(v).all()), None)
-        if bad is not None:
-            raise TintError(f"the expert for task '{task}' has NaN/inf weights in '{bad}'\n"
-                            "Rebuild or re-download that task's checkpoint.")
-        vectors.append(vector)
-    return vectors
 
 
 def check_finite(loss: torch.Tensor, method: str, step: int, task: str) -> None:
@@ -137,5 +128,37 @@ class Adapted:
 from tintcli.adaptation.merger import LambdaMerger  # noqa: E402
 from tintcli.adaptation.samplers import SAMPLERS, pseudo_label_loss  # noqa: E402
 
-__all__ = ["AdaptationContext", "Adapted", "LambdaMerger", "SAMPLERS", "batches",
-           "check_finite", "pseudo_label_loss", "task_vectors"]
+
+class AdaptationRun:
+    """What every adaptive run holds: lambda over the task vectors, the encoder to run on the
+    merged weights, and a seeded batch stream per task. Methods subclass it with their step."""
+
+    name = "adaptation"
+
+    def __init__(self, context: AdaptationContext, pretrained: StateDict,
+                 vectors: list[StateDict], granularity: str, lam_init: float, batch_size: int):
+        self.context = context
+        self.tasks = context.tasks
+        self.encoder = context.encoder.to(context.device).eval()
+        self.merger = LambdaMerger(pretrained, vectors, granularity, lam_init, context.device)
+        self.generator = context.generator()
+        self.streams = {t: batches(len(context.images[t]), batch_size, self.generator)
+                        for t in self.tasks}
+        self.steps_done = 0
+
+    def next_index(self, task: str) -> torch.Tensor:
+        return next(self.streams[task])
+
+    def images(self, task: str, index: torch.Tensor) -> torch.Tensor:
+        return self.context.images[task][index].to(self.context.device)
+
+    def adapted(self, heads: Mapping[str, nn.Module], tints: dict[str, StateDict],
+                loss_curve: dict[str, object], tinted: str | None = None) -> Adapted:
+        """The outcome, on the CPU: merged encoder at the learned lambda, heads and tints."""
+        with torch.no_grad():
+            state = {k: v.detach().cpu() for k, v in self.merger().items()}
+        return Adapted(self.name, state, dict(heads), tints, self.merger.lambdas().detach().cpu(),
+                       self.merger.layer_names, self.tasks, loss_curve, tinted)
+
+__all__ = ["AdaptationContext", "AdaptationRun", "Adapted", "LambdaMerger", "SAMPLERS",
+           "batches", "check_finite", "pseudo_label_loss"]

@@ -39,14 +39,16 @@ class LambdaMerger(nn.Module):
             raise TintError("adaptive merging needs at least one task vector")
         self.granularity = granularity
         self.keys = [k for k in pretrained if k in vectors[0]]  # the merged (float) entries
-        self.base = {k: v.to(device) for k, v in pretrained.items()}
+        self.layout = {k: (pretrained[k].shape, pretrained[k].dtype) for k in self.keys}
+        self.fixed = {k: v.to(device) for k, v in pretrained.items() if k not in self.layout}
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, key in enumerate(self.keys):
             by_shape.setdefault(tuple(pretrained[key].shape), []).append(i)
-        # per group: (layer indices, theta_0 [n, numel], task vectors [n, tasks, numel])
+        # per group: (layer indices, theta_0 [n, numel], task vectors [n, tasks, numel]);
+        # theta_0's merged entries live only here
         self.groups = [
             (rows, torch.tensor(rows, device=device),
-             torch.stack([self.base[self.keys[i]].float().flatten() for i in rows]),
+             torch.stack([pretrained[self.keys[i]].float().flatten() for i in rows]).to(device),
              torch.stack([torch.stack([v[self.keys[i]].float().flatten() for v in vectors])
                           for i in rows]).to(device))
             for rows in by_shape.values()]
@@ -64,11 +66,11 @@ class LambdaMerger(nn.Module):
     def forward(self) -> StateDict:
         """The merged state dict, differentiable in lambda."""
         lam = self.lambdas()
-        merged = dict(self.base)
+        merged = dict(self.fixed)
         for rows, index, base, stacked in self.groups:
             coeff = lam[index] if self.granularity == "layer" else lam.expand(len(rows), -1)
             group = base + torch.bmm(coeff.unsqueeze(1), stacked).squeeze(1)
             for i, flat in zip(rows, group.unbind(0), strict=True):
-                key = self.keys[i]
-                merged[key] = flat.view_as(self.base[key]).to(self.base[key].dtype)
+                shape, dtype = self.layout[self.keys[i]]
+                merged[self.keys[i]] = flat.view(shape).to(dtype)
         return merged

@@ -14,14 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch.func import functional_call
 
-from tintcli.adaptation import (
-    AdaptationContext,
-    Adapted,
-    LambdaMerger,
-    batches,
-    check_finite,
-    task_vectors,
-)
+from tintcli.adaptation import AdaptationContext, AdaptationRun, Adapted, check_finite
 from tintcli.io import StateDict
 from tintcli.merging import register
 from tintcli.merging.ties import ties_task_vectors
@@ -33,8 +26,8 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(-1).mean()
 
 
-class AdaMerging:
-    """One AdaMerging run: the coefficients, their optimiser and a batch stream per task."""
+class AdaMerging(AdaptationRun):
+    """One AdaMerging run: the coefficients and their optimiser."""
 
     name = "adamerging"
 
@@ -42,23 +35,15 @@ class AdaMerging:
                  context: AdaptationContext, granularity: str = "layer",
                  ties_top_k: float | None = None, lam_init: float = 0.3, lr: float = 1e-3,
                  batch_size: int = 32):
-        self.context = context
-        self.tasks = context.tasks
-        pretrained = context.in_encoder_order(pretrained)
-        vectors = task_vectors(pretrained, experts, self.tasks)
+        pretrained, vectors = context.task_vectors(pretrained, experts)
         if ties_top_k is not None:
             vectors = ties_task_vectors(vectors, ties_top_k)
-        self.merger = LambdaMerger(pretrained, vectors, granularity, lam_init, context.device)
+        super().__init__(context, pretrained, vectors, granularity, lam_init, batch_size)
+        self.heads = {t: context.head(t) for t in self.tasks}  # frozen
         self.optimizer = torch.optim.Adam(self.merger.parameters(), lr=lr, betas=(0.9, 0.999))
-        generator = context.generator()
-        self.streams = {t: batches(len(context.images[t]), batch_size, generator)
-                        for t in self.tasks}
-        self.encoder = context.encoder.to(context.device).eval()
-        self.steps_done = 0
 
     def next_batches(self) -> dict[str, torch.Tensor]:
-        return {t: self.context.images[t][next(self.streams[t])].to(self.context.device)
-                for t in self.tasks}
+        return {t: self.images(t, self.next_index(t)) for t in self.tasks}
 
     def step(self, images: dict[str, torch.Tensor] | None = None) -> float:
         """One step over every task's batch. Each task's forward/backward runs on its own
@@ -70,9 +55,8 @@ class AdaMerging:
         weights = {**merged, **leaves}
         total = 0.0
         for task in self.tasks:
-            logits = self.context.head(task)(functional_call(self.encoder, weights,
-                                                             (images[task],)))
-            loss = entropy(logits)
+            loss = entropy(self.heads[task](functional_call(self.encoder, weights,
+                                                            (images[task],))))
             check_finite(loss, self.name, self.steps_done + 1, task)
             loss.backward()
             total += loss.item()
@@ -82,13 +66,6 @@ class AdaMerging:
         self.optimizer.step()
         self.steps_done += 1
         return total
-
-    def result(self, loss_curve: list[float]) -> Adapted:
-        with torch.no_grad():
-            state = {k: v.detach().cpu() for k, v in self.merger().items()}
-        return Adapted(self.name, state, dict(self.context.heads), {},
-                       self.merger.lambdas().detach().cpu(), self.merger.layer_names,
-                       self.tasks, {"unit": "step", "loss": loss_curve})
 
 
 @register("adamerging", adaptive=True)
@@ -102,4 +79,4 @@ def adamerging_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
     for _ in range(steps):
         curve.append(run.step())
         context.report(run.steps_done, steps, curve[-1])
-    return run.result(curve)
+    return run.adapted(context.heads, {}, {"unit": "step", "loss": curve})

@@ -24,12 +24,10 @@ from torch.func import functional_call
 from tintcli.adaptation import (
     SAMPLERS,
     AdaptationContext,
+    AdaptationRun,
     Adapted,
-    LambdaMerger,
-    batches,
     check_finite,
     pseudo_label_loss,
-    task_vectors,
 )
 from tintcli.errors import TintError
 from tintcli.io import StateDict
@@ -46,8 +44,8 @@ def tinted_keys(encoder: nn.Module, module: str) -> list[str]:
     return [f"{module}.{k}" for k in names[module].state_dict()]
 
 
-class Tinting:
-    """One Model Tinting run: lambda, the tinted layers, their optimiser and batch streams."""
+class Tinting(AdaptationRun):
+    """One Model Tinting run: layer-wise lambda, the tinted layers and their optimiser."""
 
     name = "tinting"
 
@@ -56,52 +54,44 @@ class Tinting:
                  lam_init: float = 0.3, lr: float = 1e-2, batch_size: int = 32):
         if sampler not in SAMPLERS:
             raise TintError(f"unknown sampler '{sampler}'; tint has: {', '.join(SAMPLERS)}")
-        self.context = context
-        self.tasks = context.tasks
         self.sampler = SAMPLERS[sampler]
-        self.encoder = context.encoder.to(context.device).eval()
-        pretrained = context.in_encoder_order(pretrained)
-        vectors = task_vectors(pretrained, experts, self.tasks)
-        self.merger = LambdaMerger(pretrained, vectors, "layer", lam_init, context.device)
         self.tint = tint
+        keys = [] if tint == "head" else tinted_keys(context.encoder, tint)
+        pretrained, vectors = context.task_vectors(pretrained, experts)
+        super().__init__(context, pretrained, vectors, "layer", lam_init, batch_size)
         if tint == "head":
             self.heads = nn.ModuleDict({t: copy.deepcopy(context.heads[t]).requires_grad_(True)
                                         for t in self.tasks}).to(context.device)
-            self.offsets = nn.ModuleDict()
         else:
-            keys = tinted_keys(self.encoder, tint)
             self.heads = nn.ModuleDict({t: context.head(t) for t in self.tasks})
-            self.offsets = nn.ModuleDict({t: nn.ParameterDict(
-                {k.replace(".", "/"): nn.Parameter(torch.zeros_like(self.merger.base[k]))
-                 for k in keys}) for t in self.tasks})
+        # per task, a trainable offset on each tinted entry (ParameterDict keys cannot hold '.')
+        self.offsets = nn.ModuleDict({t: nn.ParameterDict(
+            {k.replace(".", "/"): nn.Parameter(torch.zeros_like(pretrained[k], dtype=torch.float,
+                                                                device=context.device))
+             for k in keys}) for t in self.tasks})
         trainable = [*self.merger.parameters(), *self.heads.parameters(),
                      *self.offsets.parameters()]
         self.optimizer = torch.optim.Adam([p for p in trainable if p.requires_grad], lr=lr)
-        self.generator = context.generator()
-        self.streams = {t: batches(len(context.images[t]), batch_size, self.generator)
-                        for t in self.tasks}
         self.targets = context.expert_logits(experts)  # computed once per run, then reused
-        self.steps_done = 0
 
-    def _weights(self, merged: StateDict, task: str) -> StateDict:
-        if not self.offsets:
-            return merged
-        offsets = {k.replace("/", "."): v for k, v in self.offsets[task].items()}
-        return {**merged, **{k: merged[k] + offset for k, offset in offsets.items()}}
+    def _tinted(self, merged: StateDict, task: str) -> StateDict:
+        """The task's own entries: merged weights plus its offsets (none when tinting heads)."""
+        return {k.replace("/", "."): merged[k.replace("/", ".")] + offset
+                for k, offset in self.offsets[task].items()}
 
     def epoch_order(self) -> list[str]:
         order = torch.randperm(len(self.tasks), generator=self.generator)
         return [self.tasks[i] for i in order]
 
     def next_batch(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        index = next(self.streams[task])
-        return (self.context.images[task][index].to(self.context.device),
-                self.targets[task][index.to(self.targets[task].device)])
+        index = self.next_index(task)
+        return self.images(task, index), self.targets[task][index.to(self.targets[task].device)]
 
     def step(self, task: str, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
         """One step on one task's batch: merge on the device, forward, one backward."""
         images, expert_logits = self.next_batch(task) if batch is None else batch
-        weights = self._weights(self.merger(), task)
+        merged = self.merger()
+        weights = {**merged, **self._tinted(merged, task)}
         logits = self.heads[task](functional_call(self.encoder, weights, (images,)))
         loss, _ = pseudo_label_loss(logits, expert_logits, self.sampler)
         check_finite(loss, self.name, self.steps_done + 1, task)
@@ -112,18 +102,16 @@ class Tinting:
         return loss.item()
 
     def result(self, loss_curve: list[float]) -> Adapted:
-        with torch.no_grad():
-            merged = self.merger()
-            state = {k: v.detach().cpu() for k, v in merged.items()}
-            tints = {}
-            if self.offsets:
-                tints = {t: {k: v.detach().cpu() for k, v in self._weights(merged, t).items()
-                             if k.replace(".", "/") in self.offsets[t]} for t in self.tasks}
+        tints = {}
+        if self.tint != "head":
+            with torch.no_grad():
+                merged = self.merger()
+                tints = {t: {k: v.detach().cpu() for k, v in self._tinted(merged, t).items()}
+                         for t in self.tasks}
         heads = {t: copy.deepcopy(self.heads[t]).cpu().requires_grad_(False)
                  for t in self.tasks}
-        return Adapted(self.name, state, heads, tints, self.merger.lambdas().detach().cpu(),
-                       self.merger.layer_names, self.tasks,
-                       {"unit": "epoch (mean over tasks)", "loss": loss_curve}, self.tint)
+        return self.adapted(heads, tints, {"unit": "epoch (mean over tasks)", "loss": loss_curve},
+                            self.tint)
 
 
 @register("tinting", adaptive=True)

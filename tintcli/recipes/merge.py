@@ -19,7 +19,7 @@ from rich.console import Console
 from tintcli.adaptation import Adapted
 from tintcli.errors import TintError
 from tintcli.io import save_state_dict, write_json
-from tintcli.merging import adapt, check_parameters, merge
+from tintcli.merging import adapt, check_parameters, get_method, merge
 from tintcli.plots import lambda_heatmap
 from tintcli.recipes.common import Workbench
 from tintcli.report import progress_bar, realism_text, results_table
@@ -117,7 +117,7 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
         for key, label, method_cfg in runs:
             bar = progress.add_task(label, total=None, info="")
             params = _params(method_cfg)
-            method = check_parameters(method_cfg.name, params)
+            method = get_method(method_cfg.name)  # parameters were checked before loading
             extra: dict[str, Any] = {}
             if method.adaptive:
                 context = context or bench.adaptation_context(cfg.seed)
