@@ -155,8 +155,22 @@ def test_tinting_an_encoder_module_instead_of_the_head(bench):
                            adapted.tints["signs"]["blocks.1.mlp.fc2.weight"])
     with pytest.raises(TintError, match="cannot tint 'blocks.9'"):
         Tinting(bench.pretrained, bench.experts, context, tint="blocks.9")
-    with pytest.raises(TintError, match="unknown sampler 'sure'"):
-        Tinting(bench.pretrained, bench.experts, context, sampler="sure")
+    with pytest.raises(TintError, match="sampler=sure must be one of: all, confidence"):
+        adapt("tinting", bench.pretrained, bench.experts, context, sampler="sure")
+
+
+@pytest.mark.parametrize(("method", "params", "message"), [
+    ("tinting", {"lr": float("nan")}, "lr=nan must be a positive number"),
+    ("adamerging", {"granularity": "diag"}, "granularity=diag must be 'task' or 'layer'"),
+    ("adamerging", {"steps": 0}, "steps=0 must be a whole number >= 1"),
+    ("adamerging", {"ties_top_k": 120}, r"ties_top_k=120 must be null or a percentage"),
+    ("tinting", {"lam_init": 1.5}, r"lam_init=1.5 must be in \[0, 1\]"),
+])
+def test_bad_values_fail_before_any_work(method, params, message):
+    from tintcli.merging import check_parameters
+
+    with pytest.raises(TintError, match=rf"^bad parameters for method '{method}': {message}"):
+        check_parameters(method, params)
 
 
 @pytest.mark.parametrize("method", ["adamerging", "tinting"])

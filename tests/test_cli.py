@@ -206,6 +206,17 @@ def test_a_failing_method_keeps_the_rows_already_finished(run_tint, tmp_path):
     assert not (run_dir / "results.json").exists()
 
 
+def test_a_bad_adaptation_value_fails_before_any_work(run_tint, tmp_path):
+    run_dir = tmp_path / "bad"
+    out = run_tint("merge", *TINY, "method=all", "method.methods.tinting.lr=nan",
+                   f"hydra.run.dir={run_dir}")
+    assert out.returncode == 2
+    assert _first_line(out) == ("error: bad parameters for method 'tinting': lr=nan must be a "
+                                "positive number")
+    assert "Traceback" not in out.stderr
+    assert {p.name for p in run_dir.iterdir()} == {".hydra", "merge.log"}  # Hydra's own only
+
+
 def test_bench_times_both_adaptation_steps(run_tint, tmp_path):
     out = run_tint("bench", *TINY, "repeats=2", "warmup=1", f"hydra.run.dir={tmp_path / 'b'}")
     assert out.returncode == 0, out.stderr

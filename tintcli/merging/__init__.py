@@ -25,6 +25,9 @@ from tintcli.io import StateDict
 class Method:
     fn: Callable
     adaptive: bool  # needs unlabeled test images (an AdaptationContext) after the experts
+    # checks parameter values before any work (raises ValueError naming the bad one), so that
+    # a typo fails at once, not deep inside torch or after the table's earlier methods ran
+    check: Callable[[dict], None] | None = None
 
     @property
     def positional(self) -> int:
@@ -34,9 +37,10 @@ class Method:
 MERGE_METHODS: dict[str, Method] = {}
 
 
-def register(name: str, adaptive: bool = False) -> Callable[[Callable], Callable]:
+def register(name: str, adaptive: bool = False,
+             check: Callable[[dict], None] | None = None) -> Callable[[Callable], Callable]:
     def add(fn: Callable) -> Callable:
-        MERGE_METHODS[name] = Method(fn, adaptive)
+        MERGE_METHODS[name] = Method(fn, adaptive, check)
         return fn
 
     return add
@@ -54,11 +58,18 @@ def check_parameters(name: str, params: Mapping[str, object]) -> Method:
     method = get_method(name)
     signature = inspect.signature(method.fn)
     try:  # binding, not calling: a TypeError from inside fn stays the bug it is
-        signature.bind(*[None] * method.positional, **params)
+        bound = signature.bind(*[None] * method.positional, **params)
     except TypeError as err:
         accepted = list(signature.parameters)[method.positional:]
         raise TintError(f"bad parameters for method '{name}': {err}\n"
                         f"It takes: {', '.join(accepted) or 'no parameters'}") from err
+    if method.check is not None:
+        bound.apply_defaults()
+        values = dict(list(bound.arguments.items())[method.positional:])
+        try:
+            method.check(values)
+        except ValueError as err:
+            raise TintError(f"bad parameters for method '{name}': {err}") from err
     return method
 
 

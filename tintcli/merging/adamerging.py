@@ -14,7 +14,13 @@ from collections.abc import Mapping
 import torch
 from torch.func import functional_call
 
-from tintcli.adaptation import AdaptationContext, AdaptationRun, Adapted, check_finite
+from tintcli.adaptation import (
+    AdaptationContext,
+    AdaptationRun,
+    Adapted,
+    check_finite,
+    check_parameters,
+)
 from tintcli.io import StateDict
 from tintcli.merging import register
 from tintcli.merging.ties import ties_task_vectors
@@ -68,7 +74,7 @@ class AdaMerging(AdaptationRun):
         return total
 
 
-@register("adamerging", adaptive=True)
+@register("adamerging", adaptive=True, check=check_parameters)
 def adamerging_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                      context: AdaptationContext, granularity: str = "layer",
                      ties_top_k: float | None = None, lam_init: float = 0.3, lr: float = 1e-3,

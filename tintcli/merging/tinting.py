@@ -27,6 +27,7 @@ from tintcli.adaptation import (
     AdaptationRun,
     Adapted,
     check_finite,
+    check_parameters,
     pseudo_label_loss,
 )
 from tintcli.errors import TintError
@@ -52,8 +53,6 @@ class Tinting(AdaptationRun):
     def __init__(self, pretrained: StateDict, experts: Mapping[str, StateDict],
                  context: AdaptationContext, tint: str = "head", sampler: str = "all",
                  lam_init: float = 0.3, lr: float = 1e-2, batch_size: int = 32):
-        if sampler not in SAMPLERS:
-            raise TintError(f"unknown sampler '{sampler}'; tint has: {', '.join(SAMPLERS)}")
         self.sampler = SAMPLERS[sampler]
         self.tint = tint
         keys = [] if tint == "head" else tinted_keys(context.encoder, tint)
@@ -114,7 +113,7 @@ class Tinting(AdaptationRun):
                             self.tint)
 
 
-@register("tinting", adaptive=True)
+@register("tinting", adaptive=True, check=check_parameters)
 def tinting_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                   context: AdaptationContext, tint: str = "head", sampler: str = "all",
                   lam_init: float = 0.3, lr: float = 1e-2, epochs: int = 500,

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from tintcli.adaptation import pseudo_label_loss
 from tintcli.io import write_json
+from tintcli.merging import check_parameters
 from tintcli.merging.adamerging import AdaMerging, entropy
 from tintcli.merging.tinting import Tinting
 from tintcli.recipes.common import Workbench
@@ -45,11 +46,15 @@ def _timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats:
 
 def _init_kwargs(cls: type, method_cfg: DictConfig) -> dict:
     params = OmegaConf.to_container(method_cfg, resolve=True)
+    params.pop("label", None)
+    check_parameters(params.pop("name"), params)
     accepted = inspect.signature(cls).parameters
     return {k: v for k, v in params.items() if k in accepted}
 
 
 def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
+    ada_kwargs = _init_kwargs(AdaMerging, cfg.adamerging)  # bad values fail before any work
+    tint_kwargs = _init_kwargs(Tinting, cfg.tinting)
     bench = Workbench.load(cfg, console)
     context = bench.adaptation_context(cfg.seed)
     plain = bench.encoder.train(False)
@@ -60,7 +65,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
 
     with console.status("timing AdaMerging steps"):
         ada = AdaMerging(bench.pretrained, bench.experts, context,
-                         **_init_kwargs(AdaMerging, cfg.adamerging))
+                         **ada_kwargs)
         images = ada.next_batches()
 
         def plain_ada() -> None:
@@ -72,7 +77,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
 
     with console.status("timing Model Tinting steps"):
         tint = Tinting(bench.pretrained, bench.experts, context,
-                       **_init_kwargs(Tinting, cfg.tinting))
+                       **tint_kwargs)
         task = tint.tasks[0]
         batch = tint.next_batch(task)
         head = tint.heads[task]

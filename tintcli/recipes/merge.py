@@ -92,6 +92,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) 
     try:
         _run_methods(cfg, run_dir, runs, bench, payload["rows"], console)
     except (TintError, KeyboardInterrupt) as err:
+        if not any(row["kind"] == "merged" for row in payload["rows"]):
+            raise
         # never lose the rows already finished
         write_json(run_dir / PARTIAL, {**payload, "error": str(err).splitlines()[0]})
         if isinstance(err, TintError):
