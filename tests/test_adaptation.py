@@ -146,7 +146,7 @@ def test_tinting_trains_heads_toward_the_experts(bench):
 def test_tinting_an_encoder_module_instead_of_the_head(bench):
     context = bench.adaptation_context(seed=0)
     adapted = adapt("tinting", bench.pretrained, bench.experts, context, epochs=2,
-                    tint="blocks.1.mlp.fc2", sampler="confidence")
+                    tint="blocks.1.mlp.fc2")
     assert adapted.tinted == "blocks.1.mlp.fc2"
     for task in adapted.tasks:
         assert set(adapted.tints[task]) == {"blocks.1.mlp.fc2.weight", "blocks.1.mlp.fc2.bias"}

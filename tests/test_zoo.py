@@ -115,3 +115,27 @@ def test_an_expert_with_nan_weights_is_refused_on_load(tiny_cache):
     with pytest.raises(TintError, match="the expert for task 'digits' has NaN/inf weights in "
                                         "'norm.weight'"):
         broken.expert("digits")
+
+
+def test_text_noise_turns_only_its_tasks_heads_by_the_set_angle(tiny_cache):
+    """zoo.text_noise = rho: the head row sits at cosine sqrt(1 - rho^2) from its caption
+    embedding, stays unit x logit scale, and only the tasks it names are rebuilt."""
+    _, zoo = _zoo()
+    console = Console(record=True, width=200)
+    _, noisy = _zoo(["encoder.zoo.text_noise={default: 0.0, digits: 0.6}"], console)
+    assert "(1 expert(s))" in console.export_text()  # digits only; the encoder is reused
+    assert torch.equal(noisy.head("signs").weight, zoo.head("signs").weight)
+    clean, turned = zoo.head("digits").weight / 100, noisy.head("digits").weight / 100
+    assert torch.allclose(turned.norm(dim=1), torch.ones(10))
+    assert torch.allclose((clean * turned).sum(1), torch.full((10,), 0.8), atol=1e-5)
+
+
+@pytest.mark.parametrize("override, shown", [
+    ("encoder.zoo.text_noise=1.5", "encoder.zoo.text_noise for 'scenes' is 1.5"),
+    ("encoder.zoo.pretrain.caption_noise={default: high}",
+     "encoder.zoo.pretrain.caption_noise for 'scenes' is {'default': 'high'}"),
+])
+def test_a_noise_level_outside_0_1_is_refused_before_any_work(tiny_cache, override, shown):
+    with pytest.raises(TintError, match="must be a number in \\[0, 1\\]") as err:
+        _zoo([override])
+    assert str(err.value).startswith(shown)

@@ -19,7 +19,7 @@ from tintcli.paths import cache_dir
 from tintcli.tasks.synthetic import SYNTH_FAMILIES, generate
 
 # Bump when the generators change, so cached splits are regenerated.
-GENERATOR_VERSION = 9
+GENERATOR_VERSION = 11
 SPLITS = ("pretrain", "train", "test")
 
 

@@ -452,21 +452,21 @@ def render_landuse(labels, size, g):
 
 # --------------------------------------------------------------------------- vehicles
 
-VEHICLE_CLASSES = 24
+VEHICLE_CLASSES = 16
 
 
 def render_vehicles(labels, size, g):
     """Stanford-Cars-like: fine-grained side silhouettes; colour is a nuisance.
 
-    Class = body length x body height x cabin position x wheel size. Vehicles always face
-    right: a mirror would make a front cabin and a rear cabin the same picture.
+    Class = body length x body height x cabin front/rear x wheel size (2 x 2 x 2 x 2).
+    Vehicles always face right: a mirror would make a front and a rear cabin the same picture.
     """
     n = labels.shape[0]
     xx, yy = _coords(n, size)
     length = torch.where(labels % 2 == 0, 0.5, 0.9)
-    height = torch.where((labels // 2) % 2 == 0, 0.25, 0.55)
-    cabin_pos = ((labels // 4) % 3).float() * 0.5 - 0.5
-    wheel = torch.where(labels // 12 == 0, 0.11, 0.22)
+    height = torch.where((labels // 2) % 2 == 0, 0.22, 0.6)
+    cabin_pos = torch.where((labels // 4) % 2 == 0, -0.6, 0.6)
+    wheel = torch.where(labels // 8 == 0, 0.1, 0.26)
     px, py = _local(
         xx, yy, _uniform(n, -0.1, 0.1, g), _uniform(n, 0.0, 0.2, g), _uniform(n, 0.92, 1.02, g),
         _uniform(n, -0.05, 0.05, g),
@@ -479,7 +479,7 @@ def render_vehicles(labels, size, g):
     wheels = torch.minimum(
         torch.hypot(px - L * 0.65, py - 0.1 - H / 2), torch.hypot(px + L * 0.65, py - 0.1 - H / 2)
     ) - wheel[:, None, None]
-    canvas = _smooth_noise(n, size, 2, g, channels=3) * 0.5 + 0.35
+    canvas = _smooth_noise(n, size, 2, g, channels=3) * 0.35 + 0.4
     canvas = _paint(canvas, _fill(torch.minimum(body, cabin), 0.03), _random_colors(n, g, 0.0, 0.9))
     canvas = _paint(canvas, _fill(wheels, 0.03), torch.full((n, 3), 0.05))
     return _finish(canvas, g, noise=0.04)
