@@ -29,7 +29,8 @@ def test_tiny_zoo_is_complete_and_really_trained(tiny_cache):
         assert moved > 0  # fine-tuning changed the encoder
         head = zoo.head(task)
         assert head.weight.shape[0] == {"signs": 24, "digits": 10, "textures": 20}[task]
-        assert torch.allclose(head.weight.norm(dim=1), torch.full((head.weight.shape[0],), 100.0))
+        scale = torch.full((head.weight.shape[0],), float(cfg.encoder.logit_scale))
+        assert torch.allclose(head.weight.norm(dim=1), scale)
     manifest = json.loads((zoo_root(cfg.encoder) / "manifest.json").read_text())
     assert manifest["pretrained"]["sha256"] == zoo.pretrained_sha256
 
@@ -93,7 +94,8 @@ def test_heads_are_the_pretrained_caption_embeddings(tiny_cache):
     manifest = json.loads((zoo_root(cfg.encoder) / "manifest.json").read_text())
     captions = load_file(zoo_root(cfg.encoder) / "captions.safetensors")["embeddings"]
     start, count = manifest["captions"]["offsets"]["digits"]
-    rows = torch.nn.functional.normalize(captions[start : start + count], dim=-1) * 100
+    rows = torch.nn.functional.normalize(captions[start : start + count], dim=-1)
+    rows = rows * cfg.encoder.logit_scale
     head = zoo.head("digits")
     assert torch.allclose(head.weight, rows) and torch.equal(head.bias, torch.zeros(count))
 
@@ -120,12 +122,13 @@ def test_an_expert_with_nan_weights_is_refused_on_load(tiny_cache):
 def test_text_noise_turns_only_its_tasks_heads_by_the_set_angle(tiny_cache):
     """zoo.text_noise = rho: the head row sits at cosine sqrt(1 - rho^2) from its caption
     embedding, stays unit x logit scale, and only the tasks it names are rebuilt."""
-    _, zoo = _zoo()
+    cfg, zoo = _zoo()
     console = Console(record=True, width=200)
     _, noisy = _zoo(["encoder.zoo.text_noise={default: 0.0, digits: 0.6}"], console)
+    scale = cfg.encoder.logit_scale
     assert "(1 expert(s))" in console.export_text()  # digits only; the encoder is reused
     assert torch.equal(noisy.head("signs").weight, zoo.head("signs").weight)
-    clean, turned = zoo.head("digits").weight / 100, noisy.head("digits").weight / 100
+    clean, turned = zoo.head("digits").weight / scale, noisy.head("digits").weight / scale
     assert torch.allclose(turned.norm(dim=1), torch.ones(10))
     assert torch.allclose((clean * turned).sum(1), torch.full((10,), 0.8), atol=1e-5)
 

@@ -1,8 +1,8 @@
 """Zero-shot classification heads, and the caption embeddings they come from.
 
 As in the task-vectors code, a head is a linear layer over L2-normalised features whose rows
-are unit class embeddings scaled by CLIP's exp(logit_scale) = 100. CLIP takes the rows from
-its text tower; tint's synthetic benchmark takes them from ``CaptionEmbeddings``, the
+are unit class embeddings scaled by the encoder's ``logit_scale`` (CLIP: 100). CLIP takes the
+rows from its text tower; tint's synthetic benchmark takes them from ``CaptionEmbeddings``, the
 analogue of that tower: one learned embedding per (family, class) "caption", trained with
 the image encoder CLIP-style (cosine logits, learned temperature) during pretraining. So the
 heads, like CLIP's, sit in their own region of the sphere (the modality gap) and are never
