@@ -45,6 +45,14 @@ def test_second_use_reuses_the_cache(tiny_cache):
     assert [f.stat().st_mtime_ns for f in files] == stamps
 
 
+def test_a_number_written_as_int_or_float_is_the_same_recipe(tiny_cache):
+    cfg, _ = _zoo()
+    assert cfg.encoder.logit_scale == 30.0
+    console = Console(record=True, width=200)
+    _zoo(["encoder.logit_scale=30"], console)  # Hydra parses this as the int 30
+    assert "Building" not in console.export_text()
+
+
 def test_changed_recipe_builds_only_what_it_decides(tiny_cache):
     cfg, zoo = _zoo()
     console = Console(record=True, width=200)

@@ -27,9 +27,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _canonical(obj: Any) -> Any:
+    """Numbers by value: an override ``logit_scale=30`` must not rebuild what 30.0 built."""
+    if isinstance(obj, dict):
+        return {k: _canonical(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_canonical(v) for v in obj]
+    if isinstance(obj, float) and obj.is_integer():
+        return int(obj)
+    return obj
+
+
 def fingerprint(obj: Any) -> str:
     """A short stable hash of a JSON-able object (configs that decide a cached artefact)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    text = json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
