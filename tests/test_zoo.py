@@ -144,7 +144,8 @@ def test_text_noise_turns_only_its_tasks_heads_by_the_set_angle(tiny_cache):
 @pytest.mark.parametrize("override, shown", [
     ("encoder.zoo.text_noise=1.5", "encoder.zoo.text_noise for 'scenes' is 1.5"),
     ("encoder.zoo.pretrain.caption_noise={default: high}",
-     "encoder.zoo.pretrain.caption_noise for 'scenes' is {'default': 'high'}"),
+     "encoder.zoo.pretrain.caption_noise for 'scenes' is high"),
+    ("encoder.zoo.text_noise={digits: 2}", "encoder.zoo.text_noise for 'digits' is 2"),
 ])
 def test_a_noise_level_outside_0_1_is_refused_before_any_work(tiny_cache, override, shown):
     with pytest.raises(TintError, match="must be a number in \\[0, 1\\]") as err:

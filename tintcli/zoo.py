@@ -124,14 +124,16 @@ def _check_fractions(encoder_cfg: DictConfig) -> None:
     settings = {"pretrain.caption_noise": encoder_cfg.zoo.pretrain.caption_noise,
                 "text_noise": encoder_cfg.zoo.get("text_noise", 0.0)}
     for name, setting in settings.items():
+        per_family = OmegaConf.is_dict(setting)
         for family in available_tasks("synthetic"):
+            raw = setting.get(family, setting.get("default", 0.0)) if per_family else setting
             try:
                 value = _family_value(setting, family)
             except (TypeError, ValueError):
                 value = None
             if value is None or not 0.0 <= value <= 1.0:
-                raise TintError(f"encoder.zoo.{name} for '{family}' is {setting!s}; it must be "
-                                "a number in [0, 1] or {default: x, <task>: y}")
+                raise TintError(f"encoder.zoo.{name} for '{family}' is {raw}; it must be a "
+                                "number in [0, 1], as one value or {default: x, <task>: y}")
 
 
 def pretrain_key(encoder_cfg: DictConfig) -> dict:
