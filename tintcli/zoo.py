@@ -112,28 +112,32 @@ def _plain(cfg) -> object:
     return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
 
 
-def _family_value(setting, family: str) -> float:
-    """A per-family setting: one number, or {default: x, <family>: y, ...} (default 0)."""
-    if OmegaConf.is_dict(setting) or isinstance(setting, dict):
-        return float(setting.get(family, setting.get("default", 0.0)))
-    return float(setting)
+NOISE_SETTINGS = ("pretrain.caption_noise", "text_noise")  # per-family fractions under zoo
+
+
+def _family_value(encoder_cfg: DictConfig, name: str, family: str) -> float:
+    """The family's value of the per-family setting ``encoder.zoo.<name>``: one number, or
+    {default: x, <family>: y, ...} (default 0). Each must be a fraction in [0, 1]."""
+    setting = OmegaConf.select(encoder_cfg.zoo, name, default=0.0)
+    if OmegaConf.is_dict(setting):
+        raw = setting.get(family, setting.get("default", 0.0))
+    else:
+        raw = setting
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not 0.0 <= value <= 1.0:
+        raise TintError(f"encoder.zoo.{name} for '{family}' is {raw}; it must be a number in "
+                        "[0, 1], as one value or {default: x, <task>: y}")
+    return value
 
 
 def _check_fractions(encoder_cfg: DictConfig) -> None:
-    """The per-family noise levels must be fractions; say which one is not before any work."""
-    settings = {"pretrain.caption_noise": encoder_cfg.zoo.pretrain.caption_noise,
-                "text_noise": encoder_cfg.zoo.get("text_noise", 0.0)}
-    for name, setting in settings.items():
-        per_family = OmegaConf.is_dict(setting)
+    """Say which noise level is not a fraction before any work."""
+    for name in NOISE_SETTINGS:
         for family in available_tasks("synthetic"):
-            raw = setting.get(family, setting.get("default", 0.0)) if per_family else setting
-            try:
-                value = _family_value(setting, family)
-            except (TypeError, ValueError):
-                value = None
-            if value is None or not 0.0 <= value <= 1.0:
-                raise TintError(f"encoder.zoo.{name} for '{family}' is {raw}; it must be a "
-                                "number in [0, 1], as one value or {default: x, <task>: y}")
+            _family_value(encoder_cfg, name, family)
 
 
 def pretrain_key(encoder_cfg: DictConfig) -> dict:
@@ -154,7 +158,7 @@ def task_key(encoder_cfg: DictConfig, tasks_cfg: DictConfig, task: str) -> dict:
         "train_size": tasks_cfg.train_size, "test_size": tasks_cfg.test_size,
         "logit_scale": encoder_cfg.logit_scale,
         "finetune": _plain(encoder_cfg.zoo.finetune),
-        "text_noise": _family_value(encoder_cfg.zoo.get("text_noise", 0.0), task),
+        "text_noise": _family_value(encoder_cfg, "text_noise", task),
     }
 
 
@@ -204,7 +208,8 @@ def _pretrain(encoder_cfg: DictConfig, root: Path, device: torch.device,
     inputs, labels, offsets, offset = [], [], {}, 0
     for family in available_tasks("synthetic"):
         split = load_split(family, "pretrain", recipe.images_per_family, size, zoo_cfg.seed)
-        noisy = torch.rand(len(split), generator=g) < _family_value(recipe.caption_noise, family)
+        noise = _family_value(encoder_cfg, "pretrain.caption_noise", family)
+        noisy = torch.rand(len(split), generator=g) < noise
         random_labels = torch.randint(split.num_classes, (len(split),), generator=g)
         inputs.append(preprocess(split.images, encoder_cfg))
         labels.append(offset + torch.where(noisy, random_labels, split.labels))
@@ -277,7 +282,7 @@ def _zeroshot_heads(root: Path, manifest: dict, tasks: list[str],
     heads = {}
     for task in tasks:
         rows = F.normalize(captions[offsets[task][0]: sum(offsets[task])].float(), dim=-1)
-        rho = _family_value(encoder_cfg.zoo.get("text_noise", 0.0), task)
+        rho = _family_value(encoder_cfg, "text_noise", task)
         if rho > 0:
             g = torch.Generator().manual_seed(int(encoder_cfg.zoo.seed) * 1000 + offsets[task][0])
             noise = torch.randn(rows.shape, generator=g)
