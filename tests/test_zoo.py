@@ -151,3 +151,16 @@ def test_a_noise_level_outside_0_1_is_refused_before_any_work(tiny_cache, overri
     with pytest.raises(TintError, match="must be a number in \\[0, 1\\]") as err:
         _zoo([override])
     assert str(err.value).startswith(shown)
+
+
+def test_an_encoder_timm_cannot_build_is_refused_before_any_work(tiny_cache):
+    """timm asserts on a width its heads do not divide; tint says so in one line and builds
+    nothing (no zoo folder, no task data)."""
+    cfg = compose_config(overrides=["encoder.timm_kwargs.embed_dim=33"])
+    with pytest.raises(TintError) as err:
+        ensure_zoo(cfg.encoder, cfg.tasks, task_names(cfg.tasks), torch.device("cpu"),
+                   Console(quiet=True))
+    assert str(err.value).splitlines()[0] == (
+        "cannot build encoder 'synth_vit_tiny' with timm model 'vit_tiny_patch16_224': "
+        "dim should be divisible by num_heads")
+    assert not zoo_root(cfg.encoder).exists()

@@ -16,9 +16,12 @@ def build_encoder(encoder_cfg: DictConfig) -> nn.Module:
     kwargs = OmegaConf.to_container(encoder_cfg.timm_kwargs, resolve=True) or {}
     try:
         return timm.create_model(encoder_cfg.timm_model, pretrained=False, num_classes=0, **kwargs)
-    except (RuntimeError, TypeError, ValueError) as err:
+    except (AssertionError, RuntimeError, TypeError, ValueError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        reason = reason if len(reason) <= 120 else reason[:117] + "..."
         raise TintError(f"cannot build encoder '{encoder_cfg.name}' with timm model "
-                        f"'{encoder_cfg.timm_model}': {err}") from err
+                        f"'{encoder_cfg.timm_model}': {reason}\nCheck encoder.timm_kwargs "
+                        f"({kwargs}).") from err
 
 
 def preprocess(images: torch.Tensor, encoder_cfg: DictConfig) -> torch.Tensor:

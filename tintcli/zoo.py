@@ -309,6 +309,7 @@ def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
     manifest = _read_manifest(root / "manifest.json")
     missing = [t for t, f in folders.items() if _read_manifest(f / "manifest.json") is None]
     if manifest is None or missing:
+        build_encoder(encoder_cfg)  # a bad encoder config fails here, before any data or training
         console.print(f"[bold]Building the {encoder_cfg.name} zoo[/] in {root} "
                       f"({'pretrained encoder + ' if manifest is None else ''}"
                       f"{len(missing)} expert(s)); it is cached for later runs.")
