@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml
 run: setup          ## the main job: merge on the built-in benchmark
 	$(BIN)/tint merge
 
-test: setup         ## the test suite
+test: setup         ## lint, then the test suite (what CI runs)
+	$(BIN)/ruff check tintcli tests
 	$(BIN)/python -m pytest -q
 
 bench: setup        ## adaptation step time vs a plain forward+backward (not a test)

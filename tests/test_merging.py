@@ -45,20 +45,23 @@ def test_task_arithmetic_adds_scaled_sum_of_task_vectors():
     assert torch.allclose(merge("task_arithmetic", theta0, experts)["w"], T([2.2, 1.0]))
 
 
-def test_trim_keeps_top_k_over_the_whole_model():
+def test_trim_keeps_int_n_k_plus_one_entries_over_the_whole_model():
     vec = {"a": T([0.1, -0.5, 0.3]), "b": T([0.4, -0.05])}
-    out = trim_top_k(vec, 40)  # 40% of 5 entries = the 2 largest: -0.5 and 0.4
-    assert torch.equal(out["a"], T([0.0, -0.5, 0.0]))
+    out = trim_top_k(vec, 40)  # int(5 * 0.4) + 1 = 3 entries: -0.5, 0.4 and 0.3
+    assert torch.equal(out["a"], T([0.0, -0.5, 0.3]))
     assert torch.equal(out["b"], T([0.4, 0.0]))
+    out = trim_top_k(vec, 30)  # int(1.5) + 1 = 2, not round(1.5) = 2 ... nor 1
+    assert torch.equal(out["a"], T([0.0, -0.5, 0.0])) and torch.equal(out["b"], T([0.4, 0.0]))
+    out = trim_top_k(vec, 10)  # int(0.5) + 1 = 1, where round(0.5) would keep none
+    assert torch.equal(out["a"], T([0.0, -0.5, 0.0])) and torch.equal(out["b"], T([0.0, 0.0]))
 
 
 def test_trim_keeps_entries_tied_at_the_boundary():
-    vec = {"a": T([0.5, 0.1]), "b": T([-0.5, 0.2, 0.0])}
-    out = trim_top_k(vec, 20)  # k = 1, but -0.5 ties with 0.5 at the boundary: both stay
+    vec = {"a": T([0.5, 0.1]), "b": T([-0.5, 0.2, 0.0, 0.3])}
+    out = trim_top_k(vec, 10)  # keeps int(0.6) + 1 = 1, but -0.5 ties with 0.5: both stay
     assert torch.equal(out["a"], T([0.5, 0.0]))
-    assert torch.equal(out["b"], T([-0.5, 0.0, 0.0]))
+    assert torch.equal(out["b"], T([-0.5, 0.0, 0.0, 0.0]))
     assert torch.equal(trim_top_k(vec, 100)["b"], vec["b"])
-    assert torch.equal(trim_top_k(vec, 0)["a"], T([0.0, 0.0]))
 
 
 def test_trim_rejects_a_fraction_given_as_percent_out_of_range():
@@ -101,9 +104,9 @@ def test_ties_merge_end_to_end_dis_sum_and_dis_mean():
 def test_ties_merge_with_trimming():
     theta0 = {"w": torch.zeros(4)}
     experts = {"a": {"w": T([4.0, -1.0, 0.5, 0.2])}, "b": {"w": T([-0.1, 3.0, -2.0, 0.3])}}
-    # top 50%: a keeps [4, -1, 0, 0], b keeps [0, 3, -2, 0]; sums [4, 2, -2, 0];
-    # signs [+, +, -, majority(+)]; dis-sum = [4, 3, -2, 0]
-    out = ties_merge(theta0, experts, top_k=50, merge="sum", lam=1.0)
+    # top 40% of 4 = int(1.6) + 1 = 2 entries: a keeps [4, -1, 0, 0], b keeps [0, 3, -2, 0];
+    # sums [4, 2, -2, 0]; signs [+, +, -, majority(+)]; dis-sum = [4, 3, -2, 0]
+    out = ties_merge(theta0, experts, top_k=40, merge="sum", lam=1.0)
     assert torch.allclose(out["w"], T([4.0, 3.0, -2.0, 0.0]))
 
 
@@ -112,7 +115,7 @@ def test_merge_errors_name_the_problem():
         merge("nope", {}, {})
     with pytest.raises(TintError, match="bad parameters for method 'ties'"):
         merge("ties", sd([1.0]), {"a": sd([2.0])}, lamda=0.3)
-    with pytest.raises(TintError, match="'mean' or 'sum'"):
+    with pytest.raises(TintError, match="merge=median must be one of: mean, sum"):
         merge("ties", sd([1.0]), {"a": sd([2.0])}, merge="median")
 
 
@@ -130,3 +133,52 @@ def test_a_bug_inside_a_method_is_not_blamed_on_the_config():
             merge("broken_for_test", {}, {}, lamda=0.1)
     finally:
         del MERGE_METHODS["broken_for_test"]
+
+
+# --------------------------------------------------------------------------------------------
+# TIES against a straightforward port of the reference code (ties_merging_utils.py of the
+# TIES / AdaMerging repositories): flatten the whole state dict, trim each row with
+# kthvalue(d - int(d * K)) and >=, elect signs with the majority rule, disjoint merge,
+# theta_0 + lam * merged, unflatten. Inputs are multiples of 0.5, so ties at the threshold
+# and zero sums are frequent and every sum is exact.
+
+
+def _reference_ties(flat_pre, flat_tvs, k_percent, merge_func, lam):
+    K = k_percent / 100 if k_percent > 1 else k_percent
+    M = flat_tvs.clone()
+    d = M.shape[1]
+    kth_values, _ = M.abs().kthvalue(d - int(d * K), dim=1, keepdim=True)
+    updated = M * (M.abs() >= kth_values)
+    sign_to_mult = torch.sign(updated.sum(dim=0))
+    sign_to_mult[sign_to_mult == 0] = torch.sign(sign_to_mult.sum())
+    rows_to_keep = torch.where(sign_to_mult.unsqueeze(0) > 0, updated > 0, updated < 0)
+    selected = updated * rows_to_keep
+    if merge_func == "mean":
+        counts = (selected != 0).sum(dim=0).float()
+        merged = selected.sum(dim=0) / torch.clamp(counts, min=1)
+    else:
+        merged = selected.sum(dim=0)
+    return flat_pre + lam * merged
+
+
+@pytest.mark.parametrize("merge_func", ["sum", "mean"])
+@pytest.mark.parametrize("k", [10, 20, 90])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ties_equals_a_port_of_the_reference_to_the_last_entry(k, merge_func, seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"blocks.0.w": (7, 5), "blocks.0.b": (5,), "head.w": (3, 11), "norm": (13,)}
+    half = lambda shape: torch.randint(-4, 5, shape, generator=g).float() / 2  # noqa: E731
+    pretrained = {key: half(shape) for key, shape in shapes.items()}
+    experts = {f"task{i}": {key: v + half(v.shape) for key, v in pretrained.items()}
+               for i in range(4)}
+    flatten = lambda sd: torch.cat([sd[key].flatten() for key in shapes])  # noqa: E731
+    flat_tvs = torch.stack([flatten(e) - flatten(pretrained) for e in experts.values()])
+    expected = _reference_ties(flatten(pretrained), flat_tvs, k, merge_func, lam=0.3)
+    ours = ties_merge(pretrained, experts, top_k=k, merge=merge_func, lam=0.3)
+    assert torch.equal(flatten(ours), expected)
+    # the inputs plant what the conventions decide: ties at the threshold and zero sums
+    kth = flat_tvs.abs().kthvalue(flat_tvs.shape[1] - int(flat_tvs.shape[1] * k / 100),
+                                  dim=1, keepdim=True).values
+    assert ((flat_tvs.abs() == kth).sum(1) > 1).any()
+    trimmed = flat_tvs * (flat_tvs.abs() >= kth)
+    assert ((trimmed.sum(0) == 0) & (trimmed != 0).any(0)).any()

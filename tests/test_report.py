@@ -24,3 +24,20 @@ def test_every_accuracy_is_printed_whole(width):
     for value in [*experts.values(), *merged.values()]:
         assert f"{100 * value:.1f}" in text
     assert "house_numbers" in text and "100.0" in text and "53.5" in text
+
+
+def test_over_seeds_gives_mean_and_sample_std_per_method():
+    from tintcli.tracking import over_seeds
+
+    def job(seed, average, extra=()):
+        return {"overrides": [f"seed={seed}", *extra], "seed": seed, "tasks": ["a"],
+                "rows": [{"name": "ties", "kind": "merged", "average": average,
+                          "normalized_average": average, "accuracy": {"a": average}}]}
+
+    jobs = [job(0, 0.5), job(1, 0.7), job(2, 0.6), job(0, 0.1, ["method.lam=0.9"])]
+    (group,) = over_seeds(jobs)  # the lone lam=0.9 job has no seeds to aggregate
+    assert group["seeds"] == [0, 1, 2] and group["overrides"] == []
+    row = group["rows"][0]
+    assert row["average"]["mean"] == pytest.approx(0.6)
+    assert row["average"]["std"] == pytest.approx(0.1)  # sample std (n - 1), not 0.0816
+    assert row["accuracy"]["a"]["std"] == pytest.approx(0.1)

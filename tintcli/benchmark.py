@@ -16,6 +16,7 @@ from tintcli.merging import task_arithmetic_merge
 from tintcli.zoo import Zoo
 
 SWEEP = [round(0.1 * i, 1) for i in range(1, 11)]
+REALISM_VERSION = 2  # bump when the checks change, so cached verdicts are redone
 
 
 def realism(zoo: Zoo, tasks: list[str], pretrained: StateDict,
@@ -23,14 +24,15 @@ def realism(zoo: Zoo, tasks: list[str], pretrained: StateDict,
             score: Callable[[StateDict], Mapping[str, float]]) -> dict:
     """Zero-shot, experts and a 0.1-step task-arithmetic sweep against the targets (cached)."""
     # each entry's folder name fingerprints its whole recipe, test split included
-    cache = zoo.pretrained_file.parent / (
-        "realism-" + fingerprint([zoo.entries[t].expert_file.parent.name for t in tasks]) + ".json")
+    cache = zoo.pretrained_file.parent / ("realism-" + fingerprint(
+        [REALISM_VERSION, *[zoo.entries[t].expert_file.parent.name for t in tasks]]) + ".json")
     if cache.is_file():
         return json.loads(cache.read_text())
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     zeroshot = mean([zoo.entries[t].zeroshot_accuracy for t in tasks])
     experts_avg = mean([zoo.entries[t].expert_accuracy for t in tasks])
     worst_expert = min(zoo.entries[t].expert_accuracy for t in tasks)
+    below = [t for t in tasks if zoo.entries[t].expert_accuracy <= zoo.entries[t].zeroshot_accuracy]
     sweep = {}
     for lam in SWEEP:
         merged = task_arithmetic_merge(pretrained, experts, lam)
@@ -40,6 +42,8 @@ def realism(zoo: Zoo, tasks: list[str], pretrained: StateDict,
     checks = [
         {"what": f"zero-shot avg {100 * zeroshot:.1f} ≤ 60", "ok": zeroshot <= 0.60},
         {"what": f"worst expert {100 * worst_expert:.1f} ≥ 90", "ok": worst_expert >= 0.90},
+        {"what": "every expert above zero-shot on its task"
+                 + (f" (not: {', '.join(below)})" if below else ""), "ok": not below},
         {"what": f"task arithmetic best (λ={best_lam}) {100 * best:.1f}: "
                  f"{100 * (experts_avg - best):.1f} below experts",
          "ok": best <= experts_avg - 0.10},

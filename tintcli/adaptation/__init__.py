@@ -92,32 +92,22 @@ def batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator
             yield order[i : i + batch_size]
 
 
-def check_parameters(params: Mapping[str, object]) -> None:
+def check_values(params: Mapping[str, object], encoder: nn.Module | None = None) -> None:
     """Value checks shared by the adaptive methods (each key only where the method has it)."""
     from tintcli.adaptation.samplers import SAMPLERS
+    from tintcli.merging.checks import number, one_of, positive, whole
 
-    def fail(key: str, must: str) -> None:
-        raise ValueError(f"{key}={params[key]} must be {must}")
-
-    lr = params.get("lr")
-    if lr is not None and not (isinstance(lr, int | float) and math.isfinite(lr) and lr > 0):
-        fail("lr", "a positive number")
+    positive(params, "lr")
     for key in ("steps", "epochs", "batch_size"):
-        value = params.get(key)
-        if key in params and not (isinstance(value, int) and value >= 1):
-            fail(key, "a whole number >= 1")
-    lam = params.get("lam_init")
-    if "lam_init" in params and not (isinstance(lam, int | float) and 0 <= lam <= 1):
-        fail("lam_init", "in [0, 1] (lambdas are clamped there)")
-    if "granularity" in params and params["granularity"] not in ("task", "layer"):
-        fail("granularity", "'task' or 'layer'")
-    if "sampler" in params and params["sampler"] not in SAMPLERS:
-        fail("sampler", f"one of: {', '.join(SAMPLERS)}")
-    top_k = params.get("ties_top_k")
-    if top_k is not None and not (isinstance(top_k, int | float) and 0 <= top_k <= 100):
-        fail("ties_top_k", "null or a percentage in [0, 100]")
+        whole(params, key)
+    number(params, "lam_init", 0, 1, must="in [0, 1] (lambdas are clamped there)")
+    one_of(params, "granularity", ("task", "layer"))
+    one_of(params, "sampler", list(SAMPLERS))
+    if params.get("ties_top_k") is not None:
+        number(params, "ties_top_k", 0, 100, must="null or a percentage in [0, 100]")
     if "tint" in params and not (isinstance(params["tint"], str) and params["tint"]):
-        fail("tint", "'head' or the name of an encoder module")
+        raise ValueError(f"tint={params['tint']} must be 'head' or the name of an encoder "
+                         "module")
 
 
 def check_finite(loss: torch.Tensor, method: str, step: int, task: str) -> None:
@@ -189,4 +179,4 @@ class AdaptationRun:
                        self.merger.layer_names, self.tasks, loss_curve, tinted)
 
 __all__ = ["AdaptationContext", "AdaptationRun", "Adapted", "LambdaMerger", "SAMPLERS",
-           "batches", "check_finite", "check_parameters", "pseudo_label_loss"]
+           "batches", "check_finite", "check_values", "pseudo_label_loss"]

@@ -17,8 +17,12 @@ import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from torch import nn
+
 from tintcli.errors import TintError
 from tintcli.io import StateDict
+
+Check = Callable[[dict, nn.Module | None], None]  # (parameters, encoder or None)
 
 
 @dataclass(frozen=True)
@@ -26,8 +30,9 @@ class Method:
     fn: Callable
     adaptive: bool  # needs unlabeled test images (an AdaptationContext) after the experts
     # checks parameter values before any work (raises ValueError naming the bad one), so that
-    # a typo fails at once, not deep inside torch or after the table's earlier methods ran
-    check: Callable[[dict], None] | None = None
+    # a typo fails at once, not deep inside torch or after the table's earlier methods ran;
+    # called with the parameters and, where known, the encoder (an architecture, no weights)
+    check: Check | None = None
 
     @property
     def positional(self) -> int:
@@ -38,7 +43,7 @@ MERGE_METHODS: dict[str, Method] = {}
 
 
 def register(name: str, adaptive: bool = False,
-             check: Callable[[dict], None] | None = None) -> Callable[[Callable], Callable]:
+             check: Check | None = None) -> Callable[[Callable], Callable]:
     def add(fn: Callable) -> Callable:
         MERGE_METHODS[name] = Method(fn, adaptive, check)
         return fn
@@ -53,8 +58,11 @@ def get_method(name: str) -> Method:
     return MERGE_METHODS[name]
 
 
-def check_parameters(name: str, params: Mapping[str, object]) -> Method:
-    """The method, once its config's parameters match its signature (before any work)."""
+def check_parameters(name: str, params: Mapping[str, object],
+                     encoder: nn.Module | None = None) -> Method:
+    """The method, once its config's parameters match its signature and pass its own check
+    (before any work). With ``encoder``, checks that need the architecture (a module to
+    tint) run too."""
     method = get_method(name)
     signature = inspect.signature(method.fn)
     try:  # binding, not calling: a TypeError from inside fn stays the bug it is
@@ -67,7 +75,7 @@ def check_parameters(name: str, params: Mapping[str, object]) -> Method:
         bound.apply_defaults()
         values = dict(list(bound.arguments.items())[method.positional:])
         try:
-            method.check(values)
+            method.check(values, encoder)
         except ValueError as err:
             raise TintError(f"bad parameters for method '{name}': {err}") from err
     return method
@@ -86,7 +94,7 @@ def merge(name: str, pretrained: StateDict, experts: Mapping[str, StateDict],
 def adapt(name: str, pretrained: StateDict, experts: Mapping[str, StateDict], context,
           **params):
     """Run a test-time adaptive method by its registered name; returns an ``Adapted``."""
-    method = check_parameters(name, params)
+    method = check_parameters(name, params, context.encoder)
     if not method.adaptive:
         raise TintError(f"'{name}' is data-free: call tintcli.merging.merge")
     return method.fn(pretrained, experts, context, **params)

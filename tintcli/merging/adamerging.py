@@ -19,7 +19,7 @@ from tintcli.adaptation import (
     AdaptationRun,
     Adapted,
     check_finite,
-    check_parameters,
+    check_values,
 )
 from tintcli.io import StateDict
 from tintcli.merging import register
@@ -74,7 +74,7 @@ class AdaMerging(AdaptationRun):
         return total
 
 
-@register("adamerging", adaptive=True, check=check_parameters)
+@register("adamerging", adaptive=True, check=check_values)
 def adamerging_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                      context: AdaptationContext, granularity: str = "layer",
                      ties_top_k: float | None = None, lam_init: float = 0.3, lr: float = 1e-3,

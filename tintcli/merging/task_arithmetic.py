@@ -8,10 +8,11 @@ import torch
 
 from tintcli.io import StateDict
 from tintcli.merging import register
+from tintcli.merging.checks import number
 from tintcli.merging.task_vectors import add_task_vector, task_vector
 
 
-@register("task_arithmetic")
+@register("task_arithmetic", check=lambda params, encoder=None: number(params, "lam"))
 def task_arithmetic_merge(pretrained: Mapping[str, torch.Tensor],
                           experts: Mapping[str, Mapping[str, torch.Tensor]],
                           lam: float = 0.3) -> StateDict:

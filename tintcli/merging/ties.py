@@ -1,12 +1,14 @@
 """TIES-merging (Yadav et al., 2023), exactly as PAPER.md defines it.
 
 1. trim: per task vector, keep the ``top_k`` % entries of largest magnitude, ranked over the
-   whole flattened model, and zero the rest (entries tied with the k-th largest are kept);
+   whole flattened model, and zero the rest: int(n * k) + 1 entries as the reference code
+   keeps (``kthvalue(n - int(n * k))`` with ``>=``), entries tied with the threshold too;
 2. elect: per entry, the sign of the sum of the trimmed vectors (mass election); an entry
    whose sum is zero takes the sign that most entries elected (the official code's
    "majority" rule);
 3. disjoint merge: over the tasks whose trimmed entry agrees with the elected sign, the
-   ``mean`` (original paper) or the ``sum`` (AdaMerging / FusionBench code);
+   ``mean`` (original paper, "dis-mean": its lambda is about 1) or the ``sum``
+   (AdaMerging / FusionBench code, "dis-sum": lambda 0.3);
 then theta = theta_0 + lam * merged.
 """
 
@@ -19,21 +21,25 @@ import torch
 from tintcli.errors import TintError
 from tintcli.io import StateDict
 from tintcli.merging import register
+from tintcli.merging.checks import number, one_of
 from tintcli.merging.task_vectors import add_task_vector, task_vector
 
 
 def trim_top_k(vector: Mapping[str, torch.Tensor], top_k: float) -> StateDict:
-    """Keep the top_k % entries by magnitude over all tensors together."""
+    """Keep the top_k % entries by magnitude over all tensors together.
+
+    The reference's convention, to the last entry: of n entries it keeps those at least as
+    large as the (n - int(n * top_k / 100))-th smallest magnitude, i.e. int(n * k) + 1 of
+    them, and every entry tied with that threshold. ``top_k=100`` keeps everything (where
+    the reference would fail)."""
     if not 0 <= top_k <= 100:
         raise TintError(f"TIES top_k must be a percentage in [0, 100], got {top_k}")
     magnitudes = torch.cat([v.abs().flatten() for v in vector.values()])
     n = magnitudes.numel()
-    k = max(1, round(n * top_k / 100)) if top_k > 0 else 0
-    if k >= n:
+    rank = n - int(n * (top_k / 100))  # 1-based rank of the threshold among the smallest
+    if rank < 1 or n == 0:
         return {key: v.clone() for key, v in vector.items()}
-    if k == 0:
-        return {key: torch.zeros_like(v) for key, v in vector.items()}
-    threshold = magnitudes.kthvalue(n - k + 1).values  # the k-th largest magnitude
+    threshold = magnitudes.kthvalue(rank).values
     return {key: v * (v.abs() >= threshold) for key, v in vector.items()}
 
 
@@ -73,7 +79,13 @@ def ties_task_vectors(vectors: list[Mapping[str, torch.Tensor]],
     return [{key: t[key] * _agrees(t[key], signs[key]) for key in signs} for t in trimmed]
 
 
-@register("ties")
+def check_ties(params: Mapping[str, object], encoder=None) -> None:
+    number(params, "top_k", 0, 100, must="a percentage in [0, 100]")
+    one_of(params, "merge", ("mean", "sum"))
+    number(params, "lam")
+
+
+@register("ties", check=check_ties)
 def ties_merge(pretrained: Mapping[str, torch.Tensor],
                experts: Mapping[str, Mapping[str, torch.Tensor]], top_k: float = 20,
                merge: str = "sum", lam: float = 0.3) -> StateDict:

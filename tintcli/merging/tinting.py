@@ -27,22 +27,36 @@ from tintcli.adaptation import (
     AdaptationRun,
     Adapted,
     check_finite,
-    check_parameters,
+    check_values,
     pseudo_label_loss,
 )
-from tintcli.errors import TintError
 from tintcli.io import StateDict
 from tintcli.merging import register
 
 
+def tintable_modules(encoder: nn.Module) -> list[str]:
+    """The encoder's leaf modules that hold weights: what ``tint=`` may name."""
+    return [n for n, m in encoder.named_modules()
+            if n and not list(m.children()) and list(m.state_dict())]
+
+
 def tinted_keys(encoder: nn.Module, module: str) -> list[str]:
-    """The state-dict entries of the encoder module named ``module``."""
+    """The state-dict entries of the encoder module named ``module``; a name that is no
+    module with weights is a ValueError listing the ones there are."""
     names = dict(encoder.named_modules())
-    if module not in names or module == "":
-        hint = ", ".join(n for n, m in encoder.named_modules() if n and not list(m.children()))
-        raise TintError(f"cannot tint '{module}': the encoder has no such module\n"
-                        f"Use tint=head, or one of: {hint}")
-    return [f"{module}.{k}" for k in names[module].state_dict()]
+    entries = list(names[module].state_dict()) if module in names and module else []
+    if not entries:
+        raise ValueError(f"tint={module} names no module of the encoder with weights\n"
+                         f"Use tint=head, or one of: {', '.join(tintable_modules(encoder))}")
+    return [f"{module}.{k}" for k in entries]
+
+
+def check_tinting(params: Mapping[str, object], encoder: nn.Module | None) -> None:
+    """The shared value checks, then the tinted module against the encoder, so that a typo
+    in ``tint`` fails before the zoo or any data loads."""
+    check_values(params)
+    if encoder is not None and params.get("tint", "head") != "head":
+        tinted_keys(encoder, str(params["tint"]))
 
 
 class Tinting(AdaptationRun):
@@ -92,12 +106,14 @@ class Tinting(AdaptationRun):
         merged = self.merger()
         weights = {**merged, **self._tinted(merged, task)}
         logits = self.heads[task](functional_call(self.encoder, weights, (images,)))
-        loss, _ = pseudo_label_loss(logits, expert_logits, self.sampler)
+        loss, kept = pseudo_label_loss(logits, expert_logits, self.sampler)
         check_finite(loss, self.name, self.steps_done + 1, task)
+        self.steps_done += 1
+        if kept == 0:  # nothing to learn from: Adam's momentum alone must not move anything
+            return 0.0
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        self.steps_done += 1
         return loss.item()
 
     def result(self, loss_curve: list[float]) -> Adapted:
@@ -113,7 +129,7 @@ class Tinting(AdaptationRun):
                             self.tint)
 
 
-@register("tinting", adaptive=True, check=check_parameters)
+@register("tinting", adaptive=True, check=check_tinting)
 def tinting_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                   context: AdaptationContext, tint: str = "head", sampler: str = "all",
                   lam_init: float = 0.3, lr: float = 1e-2, epochs: int = 500,

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tintcli.adaptation import pseudo_label_loss
+from tintcli.encoders import build_encoder
 from tintcli.io import write_json
 from tintcli.merging import check_parameters
 from tintcli.merging.adamerging import AdaMerging, entropy
@@ -44,17 +45,18 @@ def _timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats:
     return sorted(times)[len(times) // 2]
 
 
-def _init_kwargs(cls: type, method_cfg: DictConfig) -> dict:
+def _init_kwargs(cls: type, method_cfg: DictConfig, encoder: torch.nn.Module) -> dict:
     params = OmegaConf.to_container(method_cfg, resolve=True)
     params.pop("label", None)
-    check_parameters(params.pop("name"), params)
+    check_parameters(params.pop("name"), params, encoder)
     accepted = inspect.signature(cls).parameters
     return {k: v for k, v in params.items() if k in accepted}
 
 
 def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
-    ada_kwargs = _init_kwargs(AdaMerging, cfg.adamerging)  # bad values fail before any work
-    tint_kwargs = _init_kwargs(Tinting, cfg.tinting)
+    architecture = build_encoder(cfg.encoder)
+    ada_kwargs = _init_kwargs(AdaMerging, cfg.adamerging, architecture)  # fail before any work
+    tint_kwargs = _init_kwargs(Tinting, cfg.tinting, architecture)
     bench = Workbench.load(cfg, console)
     context = bench.adaptation_context(cfg.seed)
     plain = bench.encoder.train(False)

@@ -7,7 +7,6 @@ layers, merged encoder and a lambda heatmap under ``adapted/<method>/`` in the r
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,11 +15,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from tintcli.adaptation import Adapted
+from tintcli.adaptation.saved import save_adapted
+from tintcli.encoders import build_encoder
 from tintcli.errors import TintError
 from tintcli.io import save_state_dict, write_json
 from tintcli.merging import adapt, check_parameters, get_method, merge
-from tintcli.plots import lambda_heatmap
 from tintcli.recipes.common import Workbench
 from tintcli.report import progress_bar, realism_text, results_table
 from tintcli.tracking import claim_run_dir, log_wandb, versions, write_results
@@ -49,32 +48,14 @@ def _label(method_cfg: DictConfig) -> str:
     return f"{method_cfg.name} {params}".strip()
 
 
-def save_adapted(adapted: Adapted, folder: Path, label: str) -> dict[str, str]:
-    """The learned lambdas, the tinted layers, the merged encoder and the lambda heatmap."""
-    meta = {"method": label, "tasks": json.dumps(adapted.tasks)}
-    files = {"merged": folder / "merged.safetensors", "lambdas": folder / "lambdas.safetensors",
-             "heatmap": folder / "lambdas.png"}
-    save_state_dict(adapted.state, files["merged"], meta)
-    save_state_dict({"lambdas": adapted.lambdas}, files["lambdas"],
-                    {**meta, "layers": json.dumps(adapted.layer_names)})
-    if adapted.tinted is not None:
-        per_task = ({t: head.state_dict() for t, head in adapted.heads.items()}
-                    if adapted.tinted == "head" else adapted.tints)
-        tints = {f"{t}.{k}": v for t, entries in per_task.items() for k, v in entries.items()}
-        files["tints"] = folder / "tints.safetensors"
-        save_state_dict(tints, files["tints"], {**meta, "tinted": adapted.tinted})
-    lambda_heatmap(adapted.lambdas, adapted.layer_names, adapted.tasks, f"{label}: learned λ",
-                   files["heatmap"])
-    return {k: str(v) for k, v in files.items()}
-
-
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) -> dict:
     started = time.time()
     claim_run_dir(run_dir, cfg.overwrite)
     torch.manual_seed(cfg.seed)
     runs = method_runs(cfg.method)
+    architecture = build_encoder(cfg.encoder)  # no weights: what tint= may name, say
     for _, _, method_cfg in runs:
-        check_parameters(method_cfg.name, _params(method_cfg))
+        check_parameters(method_cfg.name, _params(method_cfg), architecture)
     bench = Workbench.load(cfg, console)
 
     payload = {

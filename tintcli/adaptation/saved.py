@@ -1,0 +1,69 @@
+"""An adapted model on disk (``adapted/<method>/`` in a run directory), and back.
+
+``merged.safetensors`` holds the merged encoder at the learned lambda; ``lambdas.safetensors``
+the lambdas with their layer and task names; ``tints.safetensors`` each task's tinted entries
+(``<task>.<key>``: the head's weight and bias, or the tinted encoder module's). Loading gives
+an ``Adapted`` that scores exactly as the one that was saved.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+from safetensors import safe_open
+from torch import nn
+
+from tintcli.adaptation import Adapted
+from tintcli.heads import ZeroShotHead
+from tintcli.io import StateDict, load_state_dict, save_state_dict
+from tintcli.plots import lambda_heatmap
+
+MERGED, LAMBDAS, TINTS, HEATMAP = ("merged.safetensors", "lambdas.safetensors",
+                                   "tints.safetensors", "lambdas.png")
+
+
+def save_adapted(adapted: Adapted, folder: Path, label: str) -> dict[str, str]:
+    """The learned lambdas, the tinted layers, the merged encoder and the lambda heatmap."""
+    meta = {"method": label, "tasks": json.dumps(adapted.tasks)}
+    files = {"merged": folder / MERGED, "lambdas": folder / LAMBDAS, "heatmap": folder / HEATMAP}
+    save_state_dict(adapted.state, files["merged"], meta)
+    save_state_dict({"lambdas": adapted.lambdas}, files["lambdas"],
+                    {**meta, "layers": json.dumps(adapted.layer_names),
+                     "method_name": adapted.method})
+    if adapted.tinted is not None:
+        per_task = ({t: head.state_dict() for t, head in adapted.heads.items()}
+                    if adapted.tinted == "head" else adapted.tints)
+        tints = {f"{t}.{k}": v for t, entries in per_task.items() for k, v in entries.items()}
+        files["tints"] = folder / TINTS
+        save_state_dict(tints, files["tints"], {**meta, "tinted": adapted.tinted})
+    lambda_heatmap(adapted.lambdas, adapted.layer_names, adapted.tasks, f"{label}: learned λ",
+                   files["heatmap"])
+    return {k: str(v) for k, v in files.items()}
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
+def load_adapted(folder: Path, heads: Mapping[str, nn.Module]) -> Adapted:
+    """What ``save_adapted`` wrote; ``heads`` are the zero-shot heads for untinted tasks."""
+    folder = Path(folder)
+    meta = _metadata(folder / LAMBDAS)
+    tasks = json.loads(meta["tasks"])
+    out_heads, tints, tinted = {t: heads[t] for t in tasks}, {}, None
+    if (folder / TINTS).is_file():
+        tinted = _metadata(folder / TINTS)["tinted"]
+        saved = load_state_dict(folder / TINTS, f"the tints in {folder}")
+        per_task = {t: {k[len(t) + 1:]: v for k, v in saved.items() if k.startswith(f"{t}.")}
+                    for t in tasks}
+        if tinted == "head":
+            out_heads = {t: ZeroShotHead.from_state_dict(per_task[t]) for t in tasks}
+        else:
+            tints = per_task
+    lambdas = load_state_dict(folder / LAMBDAS, f"the lambdas in {folder}")["lambdas"]
+    state: StateDict = load_state_dict(folder / MERGED, f"the merged encoder in {folder}")
+    return Adapted(meta.get("method_name", "adapted"), state, out_heads, tints, lambdas,
+                   json.loads(meta["layers"]), tasks, {}, tinted)
