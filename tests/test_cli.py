@@ -228,7 +228,7 @@ def test_a_failing_method_keeps_the_rows_already_finished(tiny_cache, tmp_path, 
     cfg = compose_config(overrides=["method=all", "device=cpu"])
     with pytest.raises(TintError, match="adamerging broke") as err:
         merge.run(cfg, run_dir, [], Console(quiet=True))
-    assert "Rows finished before the error" in str(err.value)
+    assert "Rows finished before this (3 method row(s))" in str(err.value)
     partial = json.loads((run_dir / "results.partial.json").read_text())
     names = [r["name"] for r in partial["rows"]]
     assert names[-1] == "TIES (dis-sum, top-20%, λ=0.3)" and len(names) == 5
@@ -253,7 +253,8 @@ def test_a_bad_value_fails_before_any_work(run_tint, tmp_path, override, message
     assert out.returncode == 2
     assert _first_line(out) == f"error: {message}"
     assert "Traceback" not in out.stderr
-    assert {p.name for p in run_dir.iterdir()} == {".hydra", "merge.log"}  # Hydra's own only
+    # Hydra's own files and the run lock: no results, no partial rows
+    assert {p.name for p in run_dir.iterdir()} == {".hydra", "merge.log", ".tint-run.lock"}
 
 
 def test_bench_times_both_adaptation_steps_on_their_real_batches(run_tint, tmp_path):

@@ -24,8 +24,9 @@ def test_generation_is_seeded_balanced_and_varied(family):
 def test_splits_are_cached_on_disk_and_reloaded(tmp_path, monkeypatch):
     monkeypatch.setenv("TINT_CACHE", str(tmp_path))
     first = load_split("digits", "test", 20, 32, 0)
-    stored = list((tmp_path / "data" / "synthetic").iterdir())
+    stored = [p for p in (tmp_path / "data" / "synthetic").iterdir() if p.is_dir()]
     assert len(stored) == 1 and (stored[0] / "dataset_info.json").exists()
+    assert not list(stored[0].parent.glob("*.tmp"))  # no temporary folder left behind
     second = load_split("digits", "test", 20, 32, 0)
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
     assert not torch.equal(first.images, load_split("digits", "train", 20, 32, 0).images)

@@ -27,8 +27,8 @@ def test_tiny_zoo_is_complete_with_heads_at_the_logit_scale(tiny_cache):
         assert head.weight.shape[0] == {"signs": 24, "digits": 10, "textures": 20}[task]
         scale = torch.full((head.weight.shape[0],), float(cfg.encoder.logit_scale))
         assert torch.allclose(head.weight.norm(dim=1), scale)
-    manifest = json.loads((zoo_root(cfg.encoder) / "manifest.json").read_text())
-    assert manifest["pretrained"]["sha256"] == zoo.pretrained_sha256
+    manifest = json.loads((zoo_root(cfg.encoder) / "pretrained" / "manifest.json").read_text())
+    assert manifest["files"]["pretrained.safetensors"] == zoo.pretrained_sha256
 
 
 def test_each_expert_beats_zero_shot_on_its_own_task_measured_from_its_files(tiny_cache):
@@ -115,9 +115,10 @@ def test_heads_are_the_pretrained_caption_embeddings(tiny_cache):
     from safetensors.torch import load_file
 
     cfg, zoo = _zoo()
-    manifest = json.loads((zoo_root(cfg.encoder) / "manifest.json").read_text())
-    captions = load_file(zoo_root(cfg.encoder) / "captions.safetensors")["embeddings"]
-    start, count = manifest["captions"]["offsets"]["digits"]
+    pretrained = zoo_root(cfg.encoder) / "pretrained"
+    manifest = json.loads((pretrained / "manifest.json").read_text())
+    captions = load_file(pretrained / "captions.safetensors")["embeddings"]
+    start, count = manifest["caption_offsets"]["digits"]
     rows = torch.nn.functional.normalize(captions[start : start + count], dim=-1)
     rows = rows * cfg.encoder.logit_scale
     head = zoo.head("digits")

@@ -8,10 +8,10 @@ between the two. Tune the benchmark to meet them, never the methods.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 
-from tintcli.io import StateDict, fingerprint, write_json
+from tintcli.cache import ensure_json
+from tintcli.io import StateDict, fingerprint
 from tintcli.merging import task_arithmetic_merge
 from tintcli.zoo import Zoo
 
@@ -22,17 +22,26 @@ REALISM_VERSION = 2  # bump when the checks change, so cached verdicts are redon
 def realism(zoo: Zoo, tasks: list[str], pretrained: StateDict,
             experts: Mapping[str, StateDict],
             score: Callable[[StateDict], Mapping[str, float]]) -> dict:
-    """Zero-shot, experts and a 0.1-step task-arithmetic sweep against the targets (cached)."""
-    # each entry's folder name fingerprints its whole recipe, test split included
-    cache = zoo.pretrained_file.parent / ("realism-" + fingerprint(
-        [REALISM_VERSION, *[zoo.entries[t].expert_file.parent.name for t in tasks]]) + ".json")
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    """Zero-shot, experts and a 0.1-step task-arithmetic sweep against the targets, cached
+    (``tintcli/cache.py``) by the digests of every checkpoint and test split it measures."""
+    key = {"version": REALISM_VERSION, "sweep": SWEEP, "tasks": tasks,
+           "checkpoints": zoo.checkpoint_hashes(), "test_data": zoo.data_digests(),
+           "accuracies": {t: [zoo.entries[t].zeroshot_accuracy, zoo.entries[t].expert_accuracy]
+                          for t in tasks}}
+    return ensure_json(zoo.root / "realism" / fingerprint(key), key,
+                       lambda: _measure(zoo, tasks, pretrained, experts, score),
+                       "the benchmark's realism verdict")
+
+
+def _measure(zoo: Zoo, tasks: list[str], pretrained: StateDict,
+             experts: Mapping[str, StateDict],
+             score: Callable[[StateDict], Mapping[str, float]]) -> dict:
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     zeroshot = mean([zoo.entries[t].zeroshot_accuracy for t in tasks])
     experts_avg = mean([zoo.entries[t].expert_accuracy for t in tasks])
     worst_expert = min(zoo.entries[t].expert_accuracy for t in tasks)
-    below = [t for t in tasks if zoo.entries[t].expert_accuracy <= zoo.entries[t].zeroshot_accuracy]
+    below = [t for t in tasks
+             if zoo.entries[t].expert_accuracy <= zoo.entries[t].zeroshot_accuracy]
     sweep = {}
     for lam in SWEEP:
         merged = task_arithmetic_merge(pretrained, experts, lam)
@@ -49,8 +58,6 @@ def realism(zoo: Zoo, tasks: list[str], pretrained: StateDict,
          "ok": best <= experts_avg - 0.10},
         {"what": f"{100 * (best - zeroshot):.1f} above zero-shot", "ok": best >= zeroshot + 0.10},
     ]
-    result = {"zeroshot_average": zeroshot, "experts_average": experts_avg,
-              "worst_expert": worst_expert, "task_arithmetic_sweep": sweep,
-              "best_lambda": best_lam, "checks": checks, "all_met": all(c["ok"] for c in checks)}
-    write_json(cache, result)
-    return result
+    return {"zeroshot_average": zeroshot, "experts_average": experts_avg,
+            "worst_expert": worst_expert, "task_arithmetic_sweep": sweep,
+            "best_lambda": best_lam, "checks": checks, "all_met": all(c["ok"] for c in checks)}

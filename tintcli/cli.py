@@ -10,8 +10,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 from rich.console import Console
+from rich.markup import escape
 
-from tintcli.errors import TintError
+from tintcli.errors import Interrupted, TintError
 from tintcli.paths import CONF_DIR
 
 
@@ -48,13 +49,14 @@ SUBCOMMANDS: dict[str, tuple[str, str, Callable[[DictConfig, Console], None]]] =
 
 
 def fail(err: TintError) -> None:
-    """Print a TintError as `error: <first line>` plus its hints, and exit with status 2."""
+    """Print a TintError as `error: <first line>` plus its hints, and exit (status 2; 130
+    after Ctrl-C)."""
     first, *rest = str(err).splitlines() or ["unknown error"]
     console = Console(stderr=True, highlight=False)
-    console.print(f"[bold red]error:[/] {first}", soft_wrap=True)  # one line, never wrapped
+    console.print("[bold red]error:[/] " + escape(first), soft_wrap=True)  # one line, unwrapped
     for line in rest:
-        console.print(f"  {line}", soft_wrap=True)
-    sys.exit(2)
+        console.print(f"  {escape(line)}", soft_wrap=True)
+    sys.exit(err.exit_code)
 
 
 def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], None]):
@@ -64,12 +66,18 @@ def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], None]):
         fail(TintError(f"tint's configs are missing: no {config_name}.yaml in {CONF_DIR}\n"
                        "Install tint from its source tree: pip install -e ."))
 
+    from tintcli.tracking import register_resolvers
+
+    register_resolvers()
+
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def app(cfg: DictConfig) -> None:
         try:
             recipe(cfg, Console())
         except TintError as err:
             fail(err)
+        except KeyboardInterrupt:
+            fail(Interrupted("interrupted (Ctrl-C) before any results"))
 
     return app
 

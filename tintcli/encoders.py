@@ -32,11 +32,17 @@ def preprocess(images: torch.Tensor, encoder_cfg: DictConfig) -> torch.Tensor:
     return (x - mean) / std
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: object) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
+    name = str(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise TintError(f"device={name} is not a device torch knows\n"
+                        "Use device=auto, cpu, cuda or cuda:<index>.") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
         raise TintError(f"device '{name}' was asked for but CUDA is not available here\n"
                         "Use device=auto or device=cpu.")
-    return torch.device(name)
+    return device

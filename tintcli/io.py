@@ -27,21 +27,63 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _canonical(obj: Any) -> Any:
-    """Numbers by value: an override ``logit_scale=30`` must not rebuild what 30.0 built."""
+def _numbers_by_value(obj: Any) -> Any:
+    """An override ``logit_scale=30`` must not rebuild what 30.0 built."""
     if isinstance(obj, dict):
-        return {k: _canonical(v) for k, v in obj.items()}
+        return {str(k): _numbers_by_value(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_canonical(v) for v in obj]
+        return [_numbers_by_value(v) for v in obj]
     if isinstance(obj, float) and obj.is_integer():
         return int(obj)
     return obj
 
 
+def canonical(obj: Any) -> Any:
+    """The JSON form a cache key is stored and compared in: numbers by value, keys as
+    strings, anything else by its ``str``."""
+    return json.loads(json.dumps(_numbers_by_value(obj), sort_keys=True, default=str))
+
+
 def fingerprint(obj: Any) -> str:
     """A short stable hash of a JSON-able object (configs that decide a cached artefact)."""
-    text = json.dumps(_canonical(obj), sort_keys=True, separators=(",", ":"), default=str)
+    text = json.dumps(canonical(obj), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, memoised by (path, size, mtime, inode) under the cache's
+    ``digests/``: a 20-task checkpoint pool or a pixel cache is hashed once, not on every
+    run, and any rewrite of the file (a new mtime) is hashed again."""
+    path = Path(path).resolve()
+    try:
+        known = json.loads(_memo(path).read_text())
+        if known["path"] == str(path) and known["stamp"] == _stamp(path):
+            return str(known["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = sha256_file(path)
+    remember_sha256(path, digest)
+    return digest
+
+
+def remember_sha256(path: Path, digest: str) -> None:
+    """Memoise a digest just computed elsewhere (a file hashed before it was renamed)."""
+    path = Path(path).resolve()
+    try:
+        write_json(_memo(path), {"path": str(path), "stamp": _stamp(path), "sha256": digest})
+    except OSError:
+        pass  # a read-only cache: hash again next time
+
+
+def _memo(path: Path) -> Path:
+    from tintcli.paths import cache_dir
+
+    return cache_dir() / "digests" / f"{fingerprint(str(path))}.json"
+
+
+def _stamp(path: Path) -> list[int]:
+    stat = path.stat()
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ino]
 
 
 def atomic_write(path: Path, write) -> None:
@@ -81,10 +123,12 @@ def load_state_dict(path: Path, what: str, expected_sha256: str | None = None) -
     path = Path(path)
     if not path.is_file():
         raise TintError(f"missing checkpoint for {what}: {path} does not exist\n"
-                        "Rebuild it (`tint zoo build`) or fix the path in the config.")
-    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
+                        "Run the command again (tint rebuilds its own cache entries), or fix "
+                        "the path in the config.")
+    if expected_sha256 is not None and file_sha256(path) != expected_sha256:
         raise TintError(f"corrupt checkpoint for {what}: {path} does not match the sha256 "
-                        "recorded in its manifest\nDelete the folder and run `tint zoo build`.")
+                        "recorded for it\nRun the command again: tint checks its cache and "
+                        "rebuilds what is damaged.")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import platform
+import secrets
 import statistics
 import subprocess
+import tempfile
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -19,6 +22,7 @@ from tintcli.io import write_json
 from tintcli.paths import PACKAGE_DIR
 
 RESULTS = "results.json"
+PARTIAL = "results.partial.json"  # every finished row, flushed as each method ends
 _PACKAGES = ("tintcli", "torch", "timm", "datasets", "hydra-core", "omegaconf", "safetensors",
              "numpy")
 
@@ -42,12 +46,73 @@ def _git_commit() -> str | None:
         return None
 
 
-def claim_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse, before any work, to replace a finished run's results."""
+RUN_ID = secrets.token_hex(2)  # one per process: run directories stay apart within a second
+_CLAIMED: dict[Path, FileLock] = {}
+
+
+def register_resolvers() -> None:
+    """``${tint_run_id:}`` in the run-directory patterns (conf/*.yaml)."""
+    if not OmegaConf.has_resolver("tint_run_id"):
+        OmegaConf.register_new_resolver("tint_run_id", lambda: RUN_ID)
+
+
+def claim_run_dir(run_dir: Path, overwrite: bool, console: Console | None = None) -> None:
+    """Make ``run_dir`` this run's, before any work, or say why it cannot be: it must be
+    writable, no other tint run may be using it (a lock held until this process ends), and a
+    finished run's results are replaced only with ``overwrite=true``. Rows an interrupted run
+    left there are kept, renamed, never deleted."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir not in _CLAIMED:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=run_dir):
+                pass
+            lock = FileLock(str(run_dir / ".tint-run.lock"), timeout=0)
+            lock.acquire()
+        except Timeout as err:
+            raise TintError(f"run directory {run_dir} is in use by another tint run\n"
+                            "Choose another hydra.run.dir, or wait for that run to end.") from err
+        except OSError as err:
+            raise TintError(f"cannot use {run_dir} as the run directory: "
+                            f"{err.strerror or err}\nPass a writable hydra.run.dir=<folder>."
+                            ) from err
+        _CLAIMED[run_dir] = lock
     if (run_dir / RESULTS).exists() and not overwrite:
         raise TintError(f"{run_dir / RESULTS} already exists: this run directory holds a "
                         "finished run\nChoose another hydra.run.dir, or pass overwrite=true "
                         "to replace it.")
+    partial = run_dir / PARTIAL
+    if partial.exists():
+        kept = next(run_dir / f"results.partial.{n}.json" for n in range(1, 10_000)
+                    if not (run_dir / f"results.partial.{n}.json").exists())
+        partial.rename(kept)
+        (console or Console(stderr=True)).print(
+            f"[yellow]note:[/] an earlier run's unfinished rows are kept as {kept.name}")
+
+
+class ClaimRunDir(Callback):
+    """Claims the run directory before Hydra writes its ``.hydra/`` into it, so a refused
+    run leaves a finished or running one untouched, and a bad directory is one clear line."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from tintcli.cli import fail
+
+        try:
+            claim_run_dir(Path(config.hydra.run.dir), bool(config.get("overwrite", False)))
+        except TintError as err:
+            fail(err)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from tintcli.cli import fail
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=sweep_dir):
+                pass
+        except OSError as err:
+            fail(TintError(f"cannot use {sweep_dir} as the sweep directory: "
+                           f"{err.strerror or err}\nPass a writable hydra.sweep.dir=<folder>."))
 
 
 def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
@@ -56,11 +121,22 @@ def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def log_wandb(cfg: DictConfig, payload: dict[str, Any], run_dir: Path) -> None:
-    """Mirror the run to Weights & Biases: config, per-row summary and the table."""
-    wcfg = cfg.tracking.wandb
-    if not wcfg.enabled:
+def log_wandb(cfg: DictConfig, payload: dict[str, Any], run_dir: Path,
+              console: Console | None = None) -> None:
+    """Mirror the finished run to Weights & Biases: config, per-row summary and the table.
+    A tracking failure never costs the run: results.json is written before this."""
+    if not cfg.tracking.wandb.enabled:
         return
+    try:
+        _log_wandb(cfg, payload, run_dir)
+    except Exception as err:  # noqa: BLE001 - any W&B failure: warn, the results are safe
+        (console or Console(stderr=True)).print(
+            f"[yellow]warning:[/] W&B logging failed ({type(err).__name__}: {err}); "
+            f"the results are in {run_dir / RESULTS}")
+
+
+def _log_wandb(cfg: DictConfig, payload: dict[str, Any], run_dir: Path) -> None:
+    wcfg = cfg.tracking.wandb
     import wandb
 
     run = wandb.init(project=wcfg.project, entity=wcfg.entity, mode=wcfg.mode,

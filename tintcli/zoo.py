@@ -1,8 +1,8 @@
 """The model zoo: a pretrained encoder, per-task zero-shot heads and fine-tuned experts.
 
-This is the one place that maps tasks to checkpoints and validates them: every file is
-listed in a manifest with its sha256, and an expert is handed out only after its keys and
-shapes match the pretrained encoder. For the built-in benchmark tint builds the zoo itself:
+This is the one place that maps tasks to checkpoints and validates them: an expert is
+handed out only after its digest, keys, shapes and values check out. For the built-in
+benchmark tint builds the zoo itself:
 
 1. pretrain the encoder on a mixture of every synthetic family with noisy captions (class
    labels, a fraction replaced at random), the analogue of web-scale image-text pretraining,
@@ -10,16 +10,15 @@ shapes match the pretrained encoder. For the built-in benchmark tint builds the 
 2. cut each task's zero-shot head from those caption embeddings;
 3. fine-tune one expert per task from the pretrained encoder with that head frozen.
 
-The pretrained encoder is keyed by the encoder config and each task's entry by its own
-recipe, so changing a config rebuilds exactly what it decides, and a subset of tasks
-reuses what was built for the full set. A manifest is written last, atomically: a folder
-without one is an interrupted build and is built again.
+Each piece is a cache entry (``tintcli/cache.py``): ``pretrained/`` is keyed by the encoder
+config, and each task's ``tasks/<task>-<fingerprint>/`` by its own recipe plus the sha256s
+of what it was built from (the pretrained encoder, the caption embeddings, the task's train
+and test data). So changing a config rebuilds exactly what it decides, a subset of tasks
+reuses what was built for the full set, and a damaged or stale piece is rebuilt, never used.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import Progress
 
+from tintcli import cache
 from tintcli.encoders import build_encoder, preprocess
 from tintcli.errors import TintError
 from tintcli.evaluation import accuracy
@@ -40,15 +40,13 @@ from tintcli.io import (
     fingerprint,
     load_state_dict,
     save_state_dict,
-    sha256_file,
-    write_json,
 )
 from tintcli.paths import cache_dir
 from tintcli.report import progress_bar
-from tintcli.tasks import GENERATOR_VERSION, available_tasks, load_split
+from tintcli.tasks import GENERATOR_VERSION, available_tasks, load_split, split_entry
 from tintcli.training import train_classifier
 
-ZOO_FORMAT = 2
+ZOO_FORMAT = 3
 
 
 @dataclass(frozen=True)
@@ -67,9 +65,11 @@ class TaskEntry:
 @dataclass(frozen=True)
 class Zoo:
     encoder_cfg: DictConfig
+    root: Path
     pretrained_file: Path
     pretrained_sha256: str
     entries: dict[str, TaskEntry]
+    test_data: dict[str, str]  # each task's test-split digest: what the accuracies were on
 
     @property
     def tasks(self) -> list[str]:
@@ -103,6 +103,9 @@ class Zoo:
             "experts": {t: e.expert_sha256 for t, e in self.entries.items()},
             "heads": {t: e.head_sha256 for t, e in self.entries.items()},
         }
+
+    def data_digests(self) -> dict:
+        return {t: {"test": digest} for t, digest in self.test_data.items()}
 
 
 # --------------------------------------------------------------------------- keys
@@ -151,7 +154,8 @@ def pretrain_key(encoder_cfg: DictConfig) -> dict:
 
 
 def task_key(encoder_cfg: DictConfig, tasks_cfg: DictConfig, task: str) -> dict:
-    """Everything that decides one task's head, expert and reference accuracies."""
+    """Everything in the config that decides one task's head, expert and reference
+    accuracies (it names the task's folder; the entry's key adds its inputs' digests)."""
     return {
         "pretrained": fingerprint(pretrain_key(encoder_cfg)), "task": task,
         "image_size": tasks_cfg.image_size, "seed": tasks_cfg.seed,
@@ -164,16 +168,6 @@ def task_key(encoder_cfg: DictConfig, tasks_cfg: DictConfig, task: str) -> dict:
 
 def zoo_root(encoder_cfg: DictConfig) -> Path:
     return cache_dir() / "zoo" / f"{encoder_cfg.name}-{fingerprint(pretrain_key(encoder_cfg))}"
-
-
-def _read_manifest(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError:
-        return None  # a damaged manifest means an unfinished build: build again
-    return manifest if manifest.get("format") == ZOO_FORMAT else None
 
 
 # --------------------------------------------------------------------------- building
@@ -196,8 +190,8 @@ def _train_with_bar(progress: Progress, label: str, steps: int, **kwargs) -> lis
     return train_classifier(steps=steps, on_step=on_step, **kwargs)
 
 
-def _pretrain(encoder_cfg: DictConfig, root: Path, device: torch.device,
-              progress: Progress) -> None:
+def _pretrain(encoder_cfg: DictConfig, folder: Path, device: torch.device,
+              progress: Progress) -> dict:
     """CLIP-style pretraining on every family's 'pretrain' split against learned caption
     embeddings, with a fraction of captions replaced by a random class of the same family
     (noisy web captions: what keeps zero-shot accuracy modest). Saves the encoder and the
@@ -222,21 +216,14 @@ def _pretrain(encoder_cfg: DictConfig, root: Path, device: torch.device,
         progress, "pretraining encoder", recipe.steps, encoder=encoder, head=captions,
         inputs=torch.cat(inputs), labels=torch.cat(labels), batch_size=recipe.batch_size,
         lr=recipe.lr, weight_decay=recipe.weight_decay, device=device, seed=zoo_cfg.seed)
-    save_state_dict(encoder.state_dict(), root / "pretrained.safetensors")
-    save_state_dict(captions.state_dict(), root / "captions.safetensors")
-    write_json(root / "manifest.json", {
-        "format": ZOO_FORMAT, "key": pretrain_key(encoder_cfg),
-        "pretrained": {"file": "pretrained.safetensors",
-                       "sha256": sha256_file(root / "pretrained.safetensors")},
-        "captions": {"file": "captions.safetensors", "offsets": offsets,
-                     "sha256": sha256_file(root / "captions.safetensors")},
-        "final_loss": losses[-1] if losses else None, "built_at": time.time(),
-    })
+    save_state_dict(encoder.state_dict(), folder / "pretrained.safetensors")
+    save_state_dict(captions.state_dict(), folder / "captions.safetensors")
+    return {"caption_offsets": offsets, "final_loss": losses[-1] if losses else None}
 
 
 def _build_task(encoder_cfg: DictConfig, tasks_cfg: DictConfig, task: str, folder: Path,
                 pretrained: StateDict, head: ZeroShotHead, device: torch.device,
-                progress: Progress) -> None:
+                progress: Progress) -> dict:
     """Score the zero-shot head, fine-tune the expert with the head frozen, score it, save."""
     recipe = encoder_cfg.zoo.finetune
     size, seed = int(tasks_cfg.image_size), int(tasks_cfg.seed)
@@ -254,47 +241,35 @@ def _build_task(encoder_cfg: DictConfig, tasks_cfg: DictConfig, task: str, folde
                     weight_decay=recipe.weight_decay, layer_decay=recipe.get("layer_decay"),
                     device=device, seed=seed)
     expert_acc = accuracy(encoder, head, test_x, test.labels, device)
-
     save_state_dict(head.state_dict(), folder / "head.safetensors")
     save_state_dict(encoder.state_dict(), folder / "expert.safetensors")
-    write_json(folder / "manifest.json", {
-        "format": ZOO_FORMAT, "key": task_key(encoder_cfg, tasks_cfg, task),
-        "head": {"file": "head.safetensors", "sha256": sha256_file(folder / "head.safetensors")},
-        "expert": {"file": "expert.safetensors",
-                   "sha256": sha256_file(folder / "expert.safetensors")},
-        "zeroshot_accuracy": zeroshot_acc, "expert_accuracy": expert_acc,
-        "built_at": time.time(),
-    })
+    return {"zeroshot_accuracy": zeroshot_acc, "expert_accuracy": expert_acc}
 
 
-def _zeroshot_heads(root: Path, manifest: dict, tasks: list[str],
-                    encoder_cfg: DictConfig) -> dict[str, ZeroShotHead]:
-    """Each task's rows of the pretrained caption embeddings, as frozen zero-shot heads.
+def _zeroshot_head(pretrained: cache.Entry, task: str, encoder_cfg: DictConfig) -> ZeroShotHead:
+    """The task's rows of the pretrained caption embeddings, as a frozen zero-shot head.
 
     ``zoo.text_noise`` = rho turns each unit caption embedding e into sqrt(1 - rho^2) e + rho z,
     z a random unit direction orthogonal to e (so the head row is at cosine sqrt(1 - rho^2)
     from its caption): the stand-in for how badly CLIP's text tower grounds a task's class
     names. It lowers zero-shot accuracy without touching the image features, which is what
     CLIP looks like (zero-shot 48% on the eight tasks, linear probes far higher)."""
-    captions = load_state_dict(root / manifest["captions"]["file"], "the caption embeddings",
-                               manifest["captions"]["sha256"])["embeddings"]
-    offsets = manifest["captions"]["offsets"]
-    heads = {}
-    for task in tasks:
-        rows = F.normalize(captions[offsets[task][0]: sum(offsets[task])].float(), dim=-1)
-        rho = _family_value(encoder_cfg, "text_noise", task)
-        if rho > 0:
-            g = torch.Generator().manual_seed(int(encoder_cfg.zoo.seed) * 1000 + offsets[task][0])
-            noise = torch.randn(rows.shape, generator=g)
-            noise = F.normalize(noise - (noise * rows).sum(-1, keepdim=True) * rows, dim=-1)
-            rows = (1 - rho**2) ** 0.5 * rows + rho * noise
-        heads[task] = ZeroShotHead.from_embeddings(rows, float(encoder_cfg.logit_scale))
-    return heads
+    captions = load_state_dict(pretrained.file("captions.safetensors"), "the caption embeddings",
+                               pretrained.sha256("captions.safetensors"))["embeddings"]
+    start, count = pretrained.manifest["caption_offsets"][task]
+    rows = F.normalize(captions[start: start + count].float(), dim=-1)
+    rho = _family_value(encoder_cfg, "text_noise", task)
+    if rho > 0:
+        g = torch.Generator().manual_seed(int(encoder_cfg.zoo.seed) * 1000 + start)
+        noise = torch.randn(rows.shape, generator=g)
+        noise = F.normalize(noise - (noise * rows).sum(-1, keepdim=True) * rows, dim=-1)
+        rows = (1 - rho**2) ** 0.5 * rows + rho * noise
+    return ZeroShotHead.from_embeddings(rows, float(encoder_cfg.logit_scale))
 
 
 def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
                device: torch.device, console: Console | None = None) -> Zoo:
-    """The zoo for these tasks, building whatever is missing or out of date."""
+    """The zoo for these tasks, building whatever is missing, stale or damaged."""
     console = console or Console()
     if encoder_cfg.get("zoo") is None:
         raise TintError(f"encoder '{encoder_cfg.name}' has no zoo recipe; tint can build "
@@ -303,33 +278,60 @@ def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
         raise TintError(f"tint builds zoos only for synthetic tasks, not '{tasks_cfg.source}'")
     _check_sizes(encoder_cfg, tasks_cfg)
     _check_fractions(encoder_cfg)
+    build_encoder(encoder_cfg)  # a bad encoder config fails here, before any data or training
     root = zoo_root(encoder_cfg)
-    folders = {t: root / "tasks" / f"{t}-{fingerprint(task_key(encoder_cfg, tasks_cfg, t))}"
-               for t in tasks}
-    manifest = _read_manifest(root / "manifest.json")
-    missing = [t for t, f in folders.items() if _read_manifest(f / "manifest.json") is None]
-    if manifest is None or missing:
-        build_encoder(encoder_cfg)  # a bad encoder config fails here, before any data or training
-        console.print(f"[bold]Building the {encoder_cfg.name} zoo[/] in {root} "
-                      f"({'pretrained encoder + ' if manifest is None else ''}"
-                      f"{len(missing)} expert(s)); it is cached for later runs.")
-        with progress_bar(console) as progress:
-            if manifest is None:
-                _pretrain(encoder_cfg, root, device, progress)
-                manifest = _read_manifest(root / "manifest.json")
-            pretrained = load_state_dict(root / "pretrained.safetensors", "the pretrained encoder")
-            heads = _zeroshot_heads(root, manifest, missing, encoder_cfg)
-            for task in missing:
-                _build_task(encoder_cfg, tasks_cfg, task, folders[task], pretrained,
-                            heads[task], device, progress)
-    entries = {}
-    for task, folder in folders.items():
-        m = _read_manifest(folder / "manifest.json")
-        entries[task] = TaskEntry(
-            task, folder / m["head"]["file"], m["head"]["sha256"], folder / m["expert"]["file"],
-            m["expert"]["sha256"], m["zeroshot_accuracy"], m["expert_accuracy"])
-    return Zoo(encoder_cfg, root / manifest["pretrained"]["file"],
-               manifest["pretrained"]["sha256"], entries)
+    name = encoder_cfg.name
+    announced = False
+
+    def announce(what: str) -> None:
+        nonlocal announced
+        if not announced:
+            console.print(f"[bold]Building the {name} zoo[/] in {root} ({what}); it is "
+                          "cached for later runs.")
+            announced = True
+
+    with progress_bar(console) as progress:
+        def build_pretrained(folder: Path) -> dict:
+            announce(f"pretrained encoder + {len(tasks)} expert(s)")
+            return _pretrain(encoder_cfg, folder, device, progress)
+
+        pre = cache.ensure(root / "pretrained", pretrain_key(encoder_cfg), build_pretrained,
+                           f"the {name} pretrained encoder", console)
+        inputs = {"pretrained": pre.sha256("pretrained.safetensors"),
+                  "captions": pre.sha256("captions.safetensors")}
+        size, seed = int(tasks_cfg.image_size), int(tasks_cfg.seed)
+        keys, test_data = {}, {}
+        for task in tasks:
+            train = split_entry(task, "train", tasks_cfg.train_size, size, seed)
+            test = split_entry(task, "test", tasks_cfg.test_size, size, seed)
+            test_data[task] = test.digest
+            keys[task] = {**task_key(encoder_cfg, tasks_cfg, task), "inputs": {
+                **inputs, "train_data": train.digest, "test_data": test.digest}}
+        folders = {t: root / "tasks" / f"{t}-{fingerprint(task_key(encoder_cfg, tasks_cfg, t))}"
+                   for t in tasks}
+        stale = [t for t in tasks if cache.check(folders[t], keys[t])[0] is None]
+        if stale:
+            announce(f"{len(stale)} expert(s)")
+        pretrained: StateDict | None = None
+        entries = {}
+        for task in tasks:
+            def build_task(folder: Path, task: str = task) -> dict:
+                nonlocal pretrained
+                if pretrained is None:  # checked against its digest: never train from damage
+                    pretrained = load_state_dict(pre.file("pretrained.safetensors"),
+                                                 "the pretrained encoder", inputs["pretrained"])
+                return _build_task(encoder_cfg, tasks_cfg, task, folder, pretrained,
+                                   _zeroshot_head(pre, task, encoder_cfg), device, progress)
+
+            entry = cache.ensure(folders[task], keys[task], build_task, f"the expert for '{task}'",
+                                 console)
+            m = entry.manifest
+            entries[task] = TaskEntry(
+                task, entry.file("head.safetensors"), entry.sha256("head.safetensors"),
+                entry.file("expert.safetensors"), entry.sha256("expert.safetensors"),
+                m["zeroshot_accuracy"], m["expert_accuracy"])
+    return Zoo(encoder_cfg, root, pre.file("pretrained.safetensors"),
+               inputs["pretrained"], entries, test_data)
 
 
 def test_sets(encoder_cfg: DictConfig, tasks_cfg: DictConfig,

@@ -16,15 +16,21 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from tintcli.adaptation.saved import save_adapted
-from tintcli.encoders import build_encoder
-from tintcli.errors import TintError
+from tintcli.encoders import build_encoder, resolve_device
+from tintcli.errors import Interrupted, TintError
 from tintcli.io import save_state_dict, write_json
 from tintcli.merging import adapt, check_parameters, get_method, merge
 from tintcli.recipes.common import Workbench
 from tintcli.report import progress_bar, realism_text, results_table
-from tintcli.tracking import claim_run_dir, log_wandb, versions, write_results
-
-PARTIAL = "results.partial.json"
+from tintcli.tasks import task_names
+from tintcli.tracking import (
+    PARTIAL,
+    RESULTS,
+    claim_run_dir,
+    log_wandb,
+    versions,
+    write_results,
+)
 
 
 def method_runs(method_cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
@@ -48,17 +54,70 @@ def _label(method_cfg: DictConfig) -> str:
     return f"{method_cfg.name} {params}".strip()
 
 
+def check_run_config(cfg: DictConfig) -> None:
+    """The run's own settings, before any work (the methods check theirs)."""
+    if not (isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and cfg.seed >= 0):
+        raise TintError(f"seed={cfg.seed} must be a whole number >= 0")
+    for key in ("save_merged", "overwrite"):
+        if not isinstance(cfg[key], bool):
+            raise TintError(f"{key}={cfg[key]} must be true or false")
+    resolve_device(cfg.device)
+    task_names(cfg.tasks)
+
+
+class RowLog:
+    """The run's payload and its rows, flushed to ``results.partial.json`` whenever a row
+    is added: whatever stops the run later (an error, Ctrl-C, a full disk), every finished
+    row is on disk, or, where the disk refused it, printed."""
+
+    def __init__(self, path: Path, payload: dict, console: Console):
+        self.path, self.payload, self.console = path, payload, console
+        self.unsaved: OSError | None = None
+        self.flush()
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.payload["rows"]
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            write_json(self.path, self.payload)
+        except OSError as err:
+            if self.unsaved is None:
+                self.console.print(f"[yellow]warning:[/] cannot save rows to {self.path} "
+                                   f"({err.strerror or err}); they will be printed")
+            self.unsaved = err
+
+    def keep(self, title: str, error: str) -> str:
+        """Record why the run stopped and say where its finished rows are (printing them if
+        they could not be saved)."""
+        self.payload["error"] = error
+        self.flush()
+        merged = sum(row["kind"] == "merged" for row in self.rows)
+        if self.unsaved is not None:
+            self.console.print(results_table(self.rows, self.payload["tasks"], title,
+                                             self.console.width))
+            return (f"{merged} finished method row(s) could not be saved "
+                    f"({self.unsaved.strerror or self.unsaved}): the table above holds them")
+        return f"Rows finished before this ({merged} method row(s)): {self.path}"
+
+
 def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) -> dict:
     started = time.time()
-    claim_run_dir(run_dir, cfg.overwrite)
-    torch.manual_seed(cfg.seed)
+    check_run_config(cfg)
     runs = method_runs(cfg.method)
     architecture = build_encoder(cfg.encoder)  # no weights: what tint= may name, say
     for _, _, method_cfg in runs:
         check_parameters(method_cfg.name, _params(method_cfg), architecture)
+    claim_run_dir(run_dir, cfg.overwrite, console)
+    torch.manual_seed(cfg.seed)
     bench = Workbench.load(cfg, console)
-
-    payload = {
+    title = f"{cfg.tasks.name} · {cfg.encoder.name} · {len(bench.tasks)} tasks"
+    log = RowLog(run_dir / PARTIAL, {
         "command": "merge",
         "overrides": overrides,
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -66,35 +125,39 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) 
         "device": str(bench.device),
         "versions": versions(),
         "checkpoints": bench.zoo.checkpoint_hashes(),
+        "data": bench.zoo.data_digests(),
         "tasks": bench.tasks,
         "rows": bench.reference_rows(),
         "started_at": started,
-    }
+    }, console)
     try:
-        _run_methods(cfg, run_dir, runs, bench, payload["rows"], console)
-    except (TintError, KeyboardInterrupt) as err:
-        if not any(row["kind"] == "merged" for row in payload["rows"]):
-            raise
-        # never lose the rows already finished
-        write_json(run_dir / PARTIAL, {**payload, "error": str(err).splitlines()[0]})
-        if isinstance(err, TintError):
-            raise TintError(f"{err}\nRows finished before the error: {run_dir / PARTIAL}") from err
-        raise
-    with console.status("checking the benchmark's realism targets"):
-        payload["realism"] = bench.realism()
-    payload["duration_s"] = time.time() - started
-    path = write_results(run_dir, payload)
-    (run_dir / PARTIAL).unlink(missing_ok=True)
-    title = f"{cfg.tasks.name} · {cfg.encoder.name} · {len(bench.tasks)} tasks"
+        _run_methods(cfg, run_dir, runs, bench, log, console)
+        with console.status("checking the benchmark's realism targets"):
+            log.payload["realism"] = bench.realism()
+    except KeyboardInterrupt as err:
+        raise Interrupted(f"interrupted (Ctrl-C)\n{log.keep(title, 'interrupted')}") from err
+    except TintError as err:
+        first = (str(err).splitlines() or [type(err).__name__])[0]
+        raise type(err)(f"{err}\n{log.keep(title, first)}") from err
+    except OSError as err:
+        message = f"cannot write {err.filename or 'a file'}: {err.strerror or err}"
+        raise TintError(f"{message}\n{log.keep(title, message)}") from err
+    payload = {**log.payload, "duration_s": time.time() - started}
     console.print(results_table(payload["rows"], bench.tasks, title, console.width))
     console.print(realism_text(payload["realism"]))
+    try:
+        path = write_results(run_dir, payload)
+    except OSError as err:
+        message = f"cannot write {run_dir / RESULTS}: {err.strerror or err}"
+        raise TintError(f"{message}\n{log.keep(title, message)}") from err
+    log.path.unlink(missing_ok=True)
     console.print(f"results: {path}")
-    log_wandb(cfg, payload, run_dir)
+    log_wandb(cfg, payload, run_dir, console)
     return payload
 
 
 def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, DictConfig]],
-                 bench: Workbench, rows: list[dict], console: Console) -> None:
+                 bench: Workbench, log: RowLog, console: Console) -> None:
     context = None  # one per run, so the experts' outputs are computed once for all methods
     with progress_bar(console) as progress:
         for key, label, method_cfg in runs:
@@ -120,8 +183,7 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
                 if cfg.save_merged:
                     save_state_dict(merged, run_dir / "merged" / f"{key}.safetensors",
                                     {"method": label})
-            rows.append(bench.row(label, accuracy, method=method_cfg.name, params=params,
-                                  **extra))
+            log.add(bench.row(label, accuracy, method=method_cfg.name, params=params, **extra))
             average = sum(accuracy.values()) / len(accuracy)
             progress.update(bar, total=progress.tasks[bar].total or 1,
                             completed=progress.tasks[bar].total or 1,

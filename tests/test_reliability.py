@@ -1,0 +1,377 @@
+"""Nothing lost: interrupts, parallel runs, damaged caches, failures after the work is done.
+
+Each test uses its own TINT_CACHE (the tiny zoo builds in seconds) and, where the behaviour
+is about processes (Ctrl-C, two runs at once), real `tint` subprocesses.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, compose_config
+from rich.console import Console
+
+from tintcli.errors import TintError
+from tintcli.tasks import load_split, task_names
+from tintcli.zoo import ensure_zoo, zoo_root
+
+EXE = shutil.which("tint", path=str(Path(sys.executable).parent))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    """A private, empty TINT_CACHE for this test (this process and its subprocesses)."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("TINT_CACHE", str(path))
+    return path
+
+
+def tint(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "COLUMNS": "200"}
+    return subprocess.Popen([EXE, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()  # a no-op once it has ended; never leave a run behind a failed test
+    return proc.returncode, out, err
+
+
+def build_zoo(overrides=(), console=None):
+    cfg = compose_config(overrides=list(overrides))
+    return ensure_zoo(cfg.encoder, cfg.tasks, task_names(cfg.tasks), torch.device("cpu"),
+                      console or Console(quiet=True))
+
+
+def recorded(console: Console) -> str:
+    return console.export_text()
+
+
+# ------------------------------------------------------------------ 1. Ctrl-C keeps the rows
+
+
+def test_ctrl_c_keeps_every_finished_row(cache, tmp_path):
+    build_zoo()
+    run_dir = tmp_path / "interrupted"
+    proc = tint("merge", *TINY, "method=all", "method.methods.tinting.epochs=100000",
+                f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    partial = run_dir / "results.partial.json"
+    try:
+        deadline = time.time() + 240
+        rows: list = []
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                rows = json.loads(partial.read_text())["rows"]
+            except (OSError, ValueError):
+                rows = []
+            if len(rows) >= 5:  # zero-shot, experts and the three data-free methods
+                break
+            time.sleep(0.2)
+        assert len(rows) >= 5, "the data-free rows never reached results.partial.json"
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        code, _, err = finish(proc)
+    finally:
+        proc.kill()  # never leave a 100000-epoch run behind
+        proc.communicate()
+    assert code == 130
+    assert err.splitlines()[0] == "error: interrupted (Ctrl-C)"
+    assert "Traceback" not in err
+    kept = json.loads(partial.read_text())
+    assert kept["error"] == "interrupted"
+    assert [r["name"] for r in kept["rows"]][:5] == [
+        "zero-shot", "experts", "weight_averaging", "task_arithmetic λ=0.3",
+        "TIES (dis-sum, top-20%, λ=0.3)"]
+    assert not (run_dir / "results.json").exists()
+
+
+# ---------------------------------------------------------- 2. one run directory per run
+
+
+def test_two_runs_started_together_get_their_own_run_directories(cache, tmp_path):
+    build_zoo()
+    procs = [tint("merge", *TINY, "method=weight_averaging", f"seed={seed}", cwd=tmp_path)
+             for seed in (0, 1)]
+    for proc in procs:
+        code, _, err = finish(proc)
+        assert code == 0, err
+    dirs = sorted((tmp_path / "runs" / "merge").iterdir())
+    assert len(dirs) == 2
+    for folder in dirs:  # each results.json belongs with its own .hydra record
+        results = json.loads((folder / "results.json").read_text())
+        overrides = (folder / ".hydra" / "overrides.yaml").read_text()
+        assert f"seed={results['seed']}" in overrides
+    assert {json.loads((d / "results.json").read_text())["seed"] for d in dirs} == {0, 1}
+
+
+def test_one_run_directory_is_never_shared_by_two_runs(cache, tmp_path):
+    build_zoo()
+    run_dir = tmp_path / "same"
+    procs = [tint("merge", *TINY, "method=weight_averaging", f"seed={seed}",
+                  f"hydra.run.dir={run_dir}", cwd=tmp_path) for seed in (0, 1)]
+    outcomes = [finish(proc) for proc in procs]
+    assert sorted(code for code, _, _ in outcomes) == [0, 2]
+    (loser,) = [err for code, _, err in outcomes if code == 2]
+    assert ("is in use by another tint run" in loser.splitlines()[0]
+            or "already exists" in loser.splitlines()[0])
+    results = json.loads((run_dir / "results.json").read_text())
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert f"seed={results['seed']}" in overrides and "seed=" + str(1 - results["seed"]) \
+        not in overrides
+
+
+# --------------------------------------------------------- 3. two cold builds at once
+
+
+def test_cold_builds_at_once_build_once_and_leave_a_sound_cache(cache, tmp_path):
+    """Three processes build the same empty cache together; the larger pretraining splits
+    widen the window in which their writes overlap (before the cache design, a fixed
+    temporary name broke one build in two trials, and the cache for good)."""
+    bigger = [*TINY, "encoder.zoo.pretrain.images_per_family=1500"]
+    procs = [tint("zoo", "build", *bigger, cwd=tmp_path) for _ in range(3)]
+    for proc in procs:
+        code, _, err = finish(proc)
+        assert code == 0, err
+    assert not list(cache.rglob("*.tmp")), "a temporary build folder was left behind"
+    console = Console(record=True, width=200)
+    build_zoo(bigger[2:], console=console)
+    assert "Building" not in recorded(console) and "rebuilding" not in recorded(console)
+    code, out, err = finish(tint("merge", *bigger, "method=weight_averaging",
+                                 f"hydra.run.dir={tmp_path / 'after'}", cwd=tmp_path))
+    assert code == 0, err
+
+
+# ------------------------------------------------------------ 4. damage is never used
+
+
+def flip_bytes(path: Path, at: int = -64, count: int = 16) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(count):
+        data[at + i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_pretrained_encoder_is_rebuilt_before_any_expert_trains_from_it(cache):
+    zoo = build_zoo()
+    pretrained_file = zoo.pretrained_file
+    good = pretrained_file.read_bytes()
+    flip_bytes(pretrained_file)
+    shutil.rmtree(zoo.entries["digits"].expert_file.parent)  # an expert to build from it
+    console = Console(record=True, width=300)
+    rebuilt = build_zoo(console=console)
+    text = recorded(console)
+    assert "rebuilding the synth_vit_tiny pretrained encoder" in text
+    assert "pretrained.safetensors does not match its recorded sha256" in text
+    assert pretrained_file.read_bytes() == good  # the build is deterministic: same weights
+    digits = json.loads((rebuilt.entries["digits"].expert_file.parent / "manifest.json")
+                        .read_text())
+    assert digits["key"]["inputs"]["pretrained"] == rebuilt.pretrained_sha256
+
+
+def test_experts_built_from_another_pretrained_encoder_are_rebuilt(cache):
+    """A changed input invalidates what was built from it: here the pretrained entry is
+    replaced by a valid one with other weights (as a changed recipe would)."""
+    from tintcli import cache as tint_cache
+    from tintcli.io import load_state_dict, save_state_dict
+    from tintcli.recipes.common import Workbench
+
+    def realism_verdicts() -> set:
+        Workbench.load(compose_config(overrides=["device=cpu"]), Console(quiet=True)).realism()
+        return {p for p in (zoo.root / "realism").iterdir() if p.is_dir()}
+
+    zoo = build_zoo()
+    first = realism_verdicts()
+    entry = zoo.pretrained_file.parent
+    state = load_state_dict(zoo.pretrained_file, "pretrained")
+    state["norm.bias"] = state["norm.bias"] + 0.5
+    manifest = json.loads((entry / "manifest.json").read_text())
+    extra = {k: v for k, v in manifest.items() if k not in ("format", "key", "files",
+                                                             "built_at")}
+
+    captions = (entry / "captions.safetensors").read_bytes()
+
+    def build(folder):
+        save_state_dict(state, folder / "pretrained.safetensors")
+        (folder / "captions.safetensors").write_bytes(captions)
+        return extra
+
+    shutil.rmtree(entry)
+    tint_cache.ensure(entry, manifest["key"], build, "a replaced pretrained encoder")
+    console = Console(record=True, width=300)
+    rebuilt = build_zoo(console=console)
+    text = recorded(console)
+    for task in ("signs", "digits", "textures"):
+        assert f"rebuilding the expert for '{task}': it was built from other inputs" in text
+        assert rebuilt.entries[task].expert_sha256 != zoo.entries[task].expert_sha256
+    # and the realism verdict, keyed by checkpoint contents, is measured again
+    assert len(first) == 1 and len(realism_verdicts() - first) == 1
+
+
+def test_flipped_pixels_in_the_data_cache_are_caught_and_regenerated(cache):
+    first = load_split("digits", "test", 20, 32, 0)
+    (arrow,) = (cache / "data" / "synthetic").glob("digits-test-*/*.arrow")
+    flip_bytes(arrow, at=len(arrow.read_bytes()) // 2)
+    console_text = _stderr_of(lambda: load_split("digits", "test", 20, 32, 0))
+    again = load_split("digits", "test", 20, 32, 0)
+    assert "does not match its recorded sha256" in console_text
+    assert torch.equal(first.images, again.images)
+
+
+def test_a_truncated_arrow_file_is_rebuilt_not_a_crash(cache):
+    first = load_split("digits", "test", 20, 32, 0)
+    (arrow,) = (cache / "data" / "synthetic").glob("digits-test-*/*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:100])
+    again = load_split("digits", "test", 20, 32, 0)
+    assert torch.equal(first.images, again.images)
+
+
+def _stderr_of(fn) -> str:
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stderr(buffer):
+        fn()
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("content", ["[1, 2, 3]", '{"format": 2}', '{"format": 3}',
+                                     "not json at all", '{"format": 3, "files": {"x": 1}}'])
+def test_a_manifest_of_the_wrong_shape_is_rebuilt_not_a_traceback(cache, content):
+    zoo = build_zoo()
+    manifest = zoo.entries["digits"].expert_file.parent / "manifest.json"
+    manifest.write_text(content)
+    console = Console(record=True, width=300)
+    rebuilt = build_zoo(console=console)
+    assert "rebuilding the expert for 'digits'" in recorded(console)
+    assert rebuilt.entries["digits"].expert_sha256 == zoo.entries["digits"].expert_sha256
+
+
+def test_a_missing_expert_file_is_rebuilt_by_the_next_run(cache, tmp_path):
+    zoo = build_zoo()
+    zoo.entries["digits"].expert_file.unlink()
+    code, out, err = finish(tint("merge", *TINY, "method=weight_averaging",
+                                 f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path))
+    assert code == 0, err
+    assert "rebuilding the expert for 'digits': expert.safetensors is missing" in out + err
+
+
+# -------------------------------------------- 5. failures after the methods ran keep the rows
+
+
+def _run_in_process(run_dir, overrides=()):
+    from tintcli.recipes import merge
+
+    cfg = compose_config(overrides=["device=cpu", *overrides])
+    console = Console(record=True, width=200)
+    return merge.run(cfg, run_dir, [], console), console
+
+
+def test_a_damaged_realism_verdict_is_measured_again(cache, tmp_path):
+    payload, _ = _run_in_process(tmp_path / "first")
+    (value,) = (zoo_root(compose_config().encoder) / "realism").glob("*/value.json")
+    value.write_text('{"checks": "garbage"')
+    again, console = _run_in_process(tmp_path / "second")
+    assert "rebuilding the benchmark's realism verdict" in recorded(console) or \
+        again["realism"] == payload["realism"]
+    assert again["realism"] == payload["realism"]
+
+
+def test_a_read_only_cache_still_gives_the_results(cache, tmp_path, monkeypatch, capsys):
+    """Root ignores file modes, so the read-only cache is made by refusing its locks."""
+    build_zoo()
+    from tintcli import cache as tint_cache
+
+    class ReadOnlyLock:
+        def __init__(self, path):
+            pass
+
+        def acquire(self):
+            raise PermissionError(30, "Read-only file system")
+
+    monkeypatch.setattr(tint_cache, "FileLock", ReadOnlyLock)
+    payload, console = _run_in_process(tmp_path / "ro")
+    assert "cannot store the benchmark's realism verdict" in capsys.readouterr().err
+    assert (tmp_path / "ro" / "results.json").is_file()
+    assert len(payload["realism"]["checks"]) == 5
+
+
+@pytest.mark.parametrize("failing", [("results.json",), ("results.partial.json",),
+                                     ("results.json", "results.partial.json")])
+def test_a_full_disk_keeps_or_prints_every_row(cache, tmp_path, monkeypatch, failing):
+    build_zoo()
+    from tintcli.recipes import merge
+
+    real = merge.write_json
+
+    def full_disk(path, payload):
+        if Path(path).name in failing:
+            raise OSError(28, "No space left on device", str(path))
+        real(path, payload)
+
+    monkeypatch.setattr(merge, "write_json", full_disk)
+    monkeypatch.setattr("tintcli.tracking.write_json", full_disk)
+    if failing == ("results.partial.json",):  # the rows could not be flushed, but the
+        payload, console = _run_in_process(tmp_path / "full")  # results could: a warning
+        assert "cannot save rows to" in recorded(console)
+        assert json.loads((tmp_path / "full" / "results.json").read_text())["rows"] == \
+            json.loads(json.dumps(payload["rows"]))
+        return
+    with pytest.raises(TintError) as err:
+        _run_in_process(tmp_path / "full")
+    first, *rest = str(err.value).splitlines()
+    assert first.startswith("cannot write") and "No space left on device" in first
+    if failing == ("results.json",):
+        kept = json.loads((tmp_path / "full" / "results.partial.json").read_text())
+        assert [r["name"] for r in kept["rows"]][-1] == "TIES (dis-sum, top-20%, λ=0.3)"
+    else:  # nothing could be saved: the rows were printed instead
+        assert "the table above holds them" in rest[-1]
+
+
+def test_an_unusable_run_directory_is_one_clear_line(cache, tmp_path):
+    for run_dir, why in (("/proc/x", "cannot use /proc/x as the run directory"),
+                         ("/proc", "cannot use /proc as the run directory")):
+        code, _, err = finish(tint("merge", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path))
+        assert code == 2
+        assert err.splitlines()[0].startswith(f"error: {why}")
+        assert "Traceback" not in err
+
+
+def test_a_rerun_keeps_an_interrupted_runs_rows(cache, tmp_path):
+    run_dir = tmp_path / "again"
+    run_dir.mkdir()
+    (run_dir / "results.partial.json").write_text('{"rows": ["earlier"]}')
+    _run_in_process(run_dir, ["method=weight_averaging"])
+    assert json.loads((run_dir / "results.partial.1.json").read_text()) == {"rows": ["earlier"]}
+    assert (run_dir / "results.json").is_file()
+
+
+# ------------------------------------------ 6.-7. bad values: one line, before any work
+
+
+@pytest.mark.parametrize("override, message", [
+    ("seed=abc", "seed=abc must be a whole number >= 0"),
+    ("device=gpu", "device=gpu is not a device torch knows"),
+    ("method=task_arithmetic method.lam=nan",
+     "bad parameters for method 'task_arithmetic': lam=nan must be a finite number"),
+    ("method=ties method.top_k=150",
+     "bad parameters for method 'ties': top_k=150 must be a percentage in [0, 100]"),
+    ("tasks.test_size=-5", "tasks.test_size=-5 must be a whole number >= 1"),
+    ("tasks.seed=0.5", "tasks.seed=0.5 must be a whole number >= 0"),
+])
+def test_bad_values_fail_in_one_line_before_the_zoo_loads(cache, tmp_path, override, message):
+    code, _, err = finish(tint("merge", *TINY, *override.split(),
+                               f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path))
+    assert code == 2
+    assert err.splitlines()[0] == f"error: {message}"
+    assert "Traceback" not in err
+    assert not (cache / "zoo").exists()  # nothing was built or loaded
