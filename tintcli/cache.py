@@ -60,7 +60,8 @@ def check(path: Path, key: Any) -> tuple[dict | None, str]:
     else (None, why not)."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        return None, "not built" if not path.exists() else "it has no manifest (interrupted)"
+        return None, ("not built" if not path.exists()
+                      else "it has no manifest (an older tint's entry, or an interrupted build)")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):

@@ -10,12 +10,15 @@ from tintcli.errors import TintError
 
 
 def build_encoder(encoder_cfg: DictConfig) -> nn.Module:
-    """A timm model that maps images to features (no classifier: ``num_classes=0``)."""
+    """A timm model that maps images to features: no classifier (``num_classes: 0``, the
+    default), or, for CLIP, the image projection as its head (``num_classes: 512``)."""
     import timm
 
     kwargs = OmegaConf.to_container(encoder_cfg.timm_kwargs, resolve=True) or {}
+    num_classes = int(encoder_cfg.get("num_classes", 0) or 0)
     try:
-        return timm.create_model(encoder_cfg.timm_model, pretrained=False, num_classes=0, **kwargs)
+        return timm.create_model(encoder_cfg.timm_model, pretrained=False,
+                                 num_classes=num_classes, **kwargs)
     except (AssertionError, RuntimeError, TypeError, ValueError) as err:
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         reason = reason if len(reason) <= 120 else reason[:117] + "..."

@@ -1,0 +1,1 @@
+"""Real checkpoint formats: reading them safely and converting them to tint's encoder."""
