@@ -124,7 +124,8 @@ def test_unknown_method_and_bad_override_are_clear(run_tint):
 def test_unknown_command(run_tint):
     out = run_tint("mrege")
     assert out.returncode == 2
-    assert _first_line(out) == "error: unknown command 'mrege'; tint has: merge, bench, zoo build"
+    assert _first_line(out) == ("error: unknown command 'mrege'; tint has: merge, bench, "
+                                "zoo build, convert")
 
 
 def test_zoo_build_reports_realism(run_tint):

@@ -39,12 +39,19 @@ def _zoo_build(cfg: DictConfig, console: Console) -> None:
     zoo.build(cfg, console)
 
 
+def _convert(cfg: DictConfig, console: Console) -> None:
+    from tintcli.recipes import convert
+
+    convert.convert(cfg, console)
+
+
 # subcommand words -> (primary config in conf/, one-line help, recipe)
 SUBCOMMANDS: dict[str, tuple[str, str, Callable[[DictConfig, Console], None]]] = {
     "merge": ("merge", "merge the experts and score the merged encoder on every task", _merge),
     "bench": ("bench", "time an adaptation step against a plain forward+backward", _bench),
     "zoo build": ("zoo", "build (or find cached) the benchmark zoo and check its realism",
                   _zoo_build),
+    "convert": ("convert", "write a checkpoint pool as a local safetensors pool", _convert),
 }
 
 

@@ -14,7 +14,8 @@ def build_encoder(encoder_cfg: DictConfig) -> nn.Module:
     default), or, for CLIP, the image projection as its head (``num_classes: 512``)."""
     import timm
 
-    kwargs = OmegaConf.to_container(encoder_cfg.timm_kwargs, resolve=True) or {}
+    kwargs = OmegaConf.to_container(encoder_cfg.timm_kwargs, resolve=True) \
+        if encoder_cfg.get("timm_kwargs") else {}
     num_classes = int(encoder_cfg.get("num_classes", 0) or 0)
     try:
         return timm.create_model(encoder_cfg.timm_model, pretrained=False,

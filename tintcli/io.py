@@ -146,15 +146,15 @@ def check_finite_weights(state: Mapping[str, torch.Tensor], what: str) -> None:
 
 
 def check_same_layout(reference: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
-                      what: str) -> None:
+                      what: str, against: str = "the pretrained encoder") -> None:
     """Experts must have exactly the pretrained encoder's keys and shapes to be merged."""
     missing = sorted(set(reference) - set(other))
     extra = sorted(set(other) - set(reference))
     if missing or extra:
-        raise TintError(f"{what} does not match the pretrained encoder's keys: "
+        raise TintError(f"{what} does not match the keys of {against}: "
                         f"missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
                         f"unexpected {extra[:3]}{'…' if len(extra) > 3 else ''}")
     for key, tensor in reference.items():
         if other[key].shape != tensor.shape:
-            raise TintError(f"{what} does not match the pretrained encoder: {key} has shape "
+            raise TintError(f"{what} does not match {against}: {key} has shape "
                             f"{tuple(other[key].shape)}, expected {tuple(tensor.shape)}")

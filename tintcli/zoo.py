@@ -104,6 +104,10 @@ class Zoo:
             "heads": {t: e.head_sha256 for t, e in self.entries.items()},
         }
 
+    def reference_accuracies(self) -> dict[str, tuple[float, float]]:
+        """(zero-shot, expert) accuracy per task, measured when each entry was built."""
+        return {t: (e.zeroshot_accuracy, e.expert_accuracy) for t, e in self.entries.items()}
+
     def data_digests(self) -> dict:
         return {t: {"test": digest} for t, digest in self.test_data.items()}
 

@@ -124,8 +124,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) 
         "seed": cfg.seed,
         "device": str(bench.device),
         "versions": versions(),
-        "checkpoints": bench.zoo.checkpoint_hashes(),
-        "data": bench.zoo.data_digests(),
+        "pool": OmegaConf.to_container(cfg.pool, resolve=True) if "pool" in cfg else None,
+        "checkpoints": bench.pool.checkpoint_hashes(),
+        "data": bench.data_digests,
         "tasks": bench.tasks,
         "rows": bench.reference_rows(),
         "started_at": started,
@@ -133,7 +134,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) 
     try:
         _run_methods(cfg, run_dir, runs, bench, log, console)
         with console.status("checking the benchmark's realism targets"):
-            log.payload["realism"] = bench.realism()
+            log.payload["realism"] = bench.realism()  # None for real checkpoint pools
     except KeyboardInterrupt as err:
         raise Interrupted(f"interrupted (Ctrl-C)\n{log.keep(title, 'interrupted')}") from err
     except TintError as err:
@@ -144,7 +145,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) 
         raise TintError(f"{message}\n{log.keep(title, message)}") from err
     payload = {**log.payload, "duration_s": time.time() - started}
     console.print(results_table(payload["rows"], bench.tasks, title, console.width))
-    console.print(realism_text(payload["realism"]))
+    if payload.get("realism"):
+        console.print(realism_text(payload["realism"]))
     try:
         path = write_results(run_dir, payload)
     except OSError as err:

@@ -13,7 +13,7 @@ from tintcli.report import realism_text, results_table
 
 def build(cfg: DictConfig, console: Console) -> dict:
     started = time.time()
-    bench = Workbench.load(cfg, console)
+    bench = Workbench.load(cfg, console)  # the zoo config has no pool group: synth
     with console.status("checking the benchmark's realism targets"):
         realism = bench.realism()
     title = f"zoo {bench.zoo.pretrained_file.parent}"

@@ -1,0 +1,200 @@
+"""Model pools end to end: tiny task_vectors and Hugging Face pools, made with the real
+libraries in the real formats, merged by `tint merge` through every method, converted with
+`tint convert`, and checked for the mistakes a user makes (a missing file, a swapped map).
+
+The tiny experts are the pretrained tiny CLIP with seeded noise added, and each task's head
+is the normalised class means of its expert's features on the task's test images: so every
+expert beats zero-shot on its own task, as real ones do.
+"""
+
+import copy
+import json
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import compose_config
+from test_checkpoints import tiny_hf_clip, tiny_open_clip
+from torch import nn
+
+from tintcli.encoders import preprocess
+from tintcli.tasks import load_split
+
+pytest.importorskip("open_clip")
+transformers = pytest.importorskip("transformers")
+
+TASKS = ["signs", "digits", "textures"]
+DIRS = {"signs": "Signs", "digits": "Digits", "textures": "Textures"}  # the release's names
+CLIP_TINY = ["encoder=clip_vit_b32", "tasks=synth_tiny", "encoder.num_classes=16",
+             "encoder.timm_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, "
+             "num_heads: 2}"]
+FAST = ["method.methods.adamerging_task.steps=2", "method.methods.adamerging.steps=2",
+        "method.methods.adamerging_pp.steps=2", "method.methods.tinting.epochs=1",
+        "method.methods.tinting_pp.epochs=1"]
+
+
+def _test_images(task):
+    cfg = compose_config(overrides=CLIP_TINY, tiny=False)
+    split = load_split(task, "test", cfg.tasks.test_size, 32, cfg.tasks.seed)
+    return preprocess(split.images, cfg.encoder), split.labels, split.num_classes
+
+
+def _class_mean_head(features, labels, classes):
+    means = torch.stack([features[labels == c].mean(0) for c in range(classes)])
+    return F.normalize(means, dim=-1) * 100.0
+
+
+def _perturbed(model, seed):
+    expert = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    for p in expert.parameters():
+        p.data.add_(0.1 * p.detach().abs().mean() * torch.randn(p.shape, generator=g))
+    return expert
+
+
+class ImageEncoder(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        delattr(self.model, "transformer")
+
+    def forward(self, images):
+        return self.model.encode_image(images)
+
+
+class ClassificationHead(nn.Linear):
+    def __init__(self, weights):
+        super().__init__(weights.shape[1], weights.shape[0])
+        self.normalize = True
+        self.weight = nn.Parameter(weights.clone())
+        self.bias = nn.Parameter(torch.zeros(weights.shape[0]))
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory, tiny_cache):
+    """A tiny task_vectors release: zeroshot.pt, <Task>/finetuned.pt, head_<Task>.pt."""
+    root = tmp_path_factory.mktemp("task_vectors")
+    src, modeling = types.ModuleType("src"), types.ModuleType("src.modeling")
+    for cls in (ImageEncoder, ClassificationHead):
+        cls.__module__, cls.__qualname__ = "src.modeling", cls.__name__
+        setattr(modeling, cls.__name__, cls)
+    src.modeling = modeling
+    sys.modules.update({"src": src, "src.modeling": modeling})
+    try:
+        base = tiny_open_clip()
+        torch.save(ImageEncoder(copy.deepcopy(base)), root / "zeroshot.pt")
+        for i, task in enumerate(TASKS):
+            expert = ImageEncoder(_perturbed(base, seed=i))
+            (root / DIRS[task]).mkdir()
+            torch.save(expert, root / DIRS[task] / "finetuned.pt")
+            x, y, classes = _test_images(task)
+            with torch.no_grad():
+                weights = _class_mean_head(expert(x), y, classes)
+            torch.save(ClassificationHead(weights), root / f"head_{DIRS[task]}.pt")
+    finally:
+        del sys.modules["src.modeling"], sys.modules["src"]
+    return root
+
+
+@pytest.fixture(scope="module")
+def hf_pool(tmp_path_factory, tiny_cache):
+    """A tiny FusionBench-style pool: base CLIPModel + CLIPVisionModel experts (folders)."""
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("hf")
+    base = tiny_hf_clip()
+    base.save_pretrained(root / "base")
+    (root / "heads").mkdir()
+    for i, task in enumerate(TASKS):
+        vision = transformers.CLIPVisionModel(base.config.vision_config).eval()
+        prefix = "vision_model." if any(k.startswith("vision_model.")
+                                        for k in vision.state_dict()) else ""
+        vision.load_state_dict({prefix + k: v for k, v in
+                                _perturbed(base.vision_model, seed=i).state_dict().items()})
+        vision.save_pretrained(root / f"clip_{task}")
+        x, y, classes = _test_images(task)
+        with torch.no_grad():
+            pooled = vision(pixel_values=x).pooler_output
+            features = base.visual_projection(pooled)
+        save_file({"weight": _class_mean_head(features, y, classes).contiguous(),
+                   "bias": torch.zeros(classes)}, root / "heads" / f"{task}.safetensors")
+    return root
+
+
+def _pool_args(release):
+    dirs = "{" + ", ".join(f"{t}: {d}" for t, d in DIRS.items()) + "}"
+    return ["pool=task_vectors", f"pool.path={release}", f"pool.dirs={dirs}"]
+
+
+def test_merge_over_a_task_vectors_pool_runs_every_method(run_tint, tmp_path, release):
+    out = run_tint("merge", *CLIP_TINY, *_pool_args(release), "method=all", *FAST,
+                   f"hydra.run.dir={tmp_path / 'tv'}")
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "tv" / "results.json").read_text())
+    names = [r["name"] for r in results["rows"]]
+    assert len(names) == 2 + 8 and "Model Tinting++" in names
+    assert results["pool"]["kind"] == "task_vectors" and results["realism"] is None
+    zeroshot, experts = results["rows"][0], results["rows"][1]
+    assert all(experts["accuracy"][t] > zeroshot["accuracy"][t] for t in TASKS)
+    assert set(results["checkpoints"]["experts"]) == set(TASKS)
+    assert "benchmark realism" not in out.stdout  # only the synthetic zoo has targets
+
+
+def test_merge_over_an_hf_pool_and_convert_to_local_give_the_same_numbers(
+        run_tint, tmp_path, hf_pool, release):
+    hf = ["pool=hf", f"pool.base={hf_pool / 'base'}",
+          f"pool.experts='{hf_pool}/clip_{{task}}'", f"pool.heads={hf_pool / 'heads'}"]
+    out = run_tint("merge", *CLIP_TINY, *hf, "method=ties", f"hydra.run.dir={tmp_path / 'hf'}")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "hf" / "results.json").read_text())["rows"]
+    assert rows[1]["average"] > rows[0]["average"]
+
+    out = run_tint("convert", *CLIP_TINY, *_pool_args(release), f"out={tmp_path / 'local'}")
+    assert out.returncode == 0, out.stderr
+    for pool, folder in ((_pool_args(release), "a"), (["pool=local",
+                                                      f"pool.path={tmp_path / 'local'}"], "b")):
+        out = run_tint("merge", *CLIP_TINY, *pool, "method=ties",
+                       f"hydra.run.dir={tmp_path / folder}")
+        assert out.returncode == 0, out.stderr
+    a, b = (json.loads((tmp_path / f / "results.json").read_text())["rows"] for f in "ab")
+    assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]
+
+
+def test_a_missing_expert_names_the_task_and_the_path(run_tint, tmp_path, release):
+    args = _pool_args(release)
+    args[-1] = "pool.dirs={signs: Signs, digits: MNIST, textures: Textures}"
+    out = run_tint("merge", *CLIP_TINY, *args, f"hydra.run.dir={tmp_path / 'm'}")
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[0] == (
+        f"error: task_vectors pool: no checkpoint for the expert for task 'digits': "
+        f"{release / 'MNIST' / 'finetuned.pt'} does not exist (and 1 more)")  # its head
+
+
+def test_a_swapped_task_map_is_refused(run_tint, tmp_path, release):
+    args = _pool_args(release)
+    args[-1] = "pool.dirs={signs: Digits, digits: Signs, textures: Textures}"
+    out = run_tint("merge", *CLIP_TINY, *args, f"hydra.run.dir={tmp_path / 's'}")
+    assert out.returncode == 2
+    first = out.stderr.splitlines()[0]
+    assert first.startswith("error: ") and "no better than zero-shot" in first
+
+
+def test_an_expert_of_another_architecture_names_the_task_and_file(run_tint, tmp_path,
+                                                                   release):
+    out = run_tint("merge", *CLIP_TINY, "encoder.timm_kwargs.depth=3", *_pool_args(release),
+                   f"hydra.run.dir={tmp_path / 'x'}")
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[0].startswith(
+        f"error: the pretrained encoder ({release / 'zeroshot.pt'}) does not match the keys of "
+        "encoder=clip_vit_b32 (check encoder.timm_kwargs): missing ['blocks.2.")
+
+
+def test_hf_pool_without_a_network_says_what_to_set(run_tint, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = run_tint("merge", *CLIP_TINY, "pool=hf", f"hydra.run.dir={tmp_path / 'n'}")
+    assert out.returncode == 2
+    first = out.stderr.splitlines()[0]
+    assert first.startswith("error: cannot get openai/clip-vit-base-patch32")
+    assert "HF_HUB_OFFLINE" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,239 @@
+"""Model pools: the one object that hands out, per task, the pretrained encoder state, the
+task's expert and the task's zero-shot head, all in tint's encoder layout, and validates them.
+
+Kinds (config group ``pool``):
+
+- ``synth``: the built-in zoo (``tintcli/zoo.py``), built and cached by tint itself;
+- ``task_vectors``: a folder as the task_vectors / AdaMerging / Model Tinting releases lay it
+  out: ``zeroshot.pt``, ``<Task>/finetuned.pt``, ``head_<Task>.pt`` (whole pickled modules,
+  read without running their code: ``tintcli/checkpoints/pickles.py``);
+- ``hf``: Hugging Face CLIP checkpoints (FusionBench's): a base ``CLIPModel`` and one
+  fine-tuned ``CLIPVisionModel`` per task, as hub ids or local ``save_pretrained`` folders;
+- ``local``: tint's own safetensors layout (``pretrained.safetensors``,
+  ``experts/<task>.safetensors``, ``heads/<task>.safetensors``).
+
+The task -> checkpoint table is checked before any merging: a task without a checkpoint, or a
+checkpoint whose keys or shapes do not match the encoder, fails naming the task and the file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from tintcli.errors import TintError
+from tintcli.heads import ZeroShotHead
+from tintcli.io import (
+    StateDict,
+    check_finite_weights,
+    check_same_layout,
+    file_sha256,
+    load_state_dict,
+)
+
+
+@dataclass
+class FilePool:
+    """A pool whose checkpoints are files: each read through ``load`` (a format's reader
+    and converter), checked against the encoder, and digested (memoised) for the record."""
+
+    kind: str
+    tasks: list[str]
+    encoder: nn.Module
+    pretrained_file: Path
+    expert_files: dict[str, Path]
+    head_files: dict[str, Path]
+    load_encoder: Callable[[Path, str], StateDict]
+    load_head: Callable[[Path, str], ZeroShotHead]
+    encoder_name: str = "?"
+    _pretrained: StateDict | None = field(default=None, repr=False)
+
+    def validate(self) -> None:
+        """Every task has its files (named with the path searched), before any loading."""
+        missing = [("the pretrained encoder", self.pretrained_file)] if not \
+            self.pretrained_file.exists() else []
+        for task in self.tasks:
+            for what, files in (("expert", self.expert_files), ("head", self.head_files)):
+                if not files[task].exists():
+                    missing.append((f"the {what} for task '{task}'", files[task]))
+        if missing:
+            what, path = missing[0]
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise TintError(f"{self.kind} pool: no checkpoint for {what}: {path} does not "
+                            f"exist{more}\nCheck pool.path and the task -> folder names "
+                            "(pool.dirs).")
+
+    def pretrained(self) -> StateDict:
+        if self._pretrained is None:
+            state = self.load_encoder(self.pretrained_file, "the pretrained encoder")
+            check_same_layout(self.encoder.state_dict(), state,
+                              f"the pretrained encoder ({self.pretrained_file})",
+                              f"encoder={self.encoder_name} (check encoder.timm_kwargs)")
+            self._pretrained = state
+        return self._pretrained
+
+    def expert(self, task: str, pretrained: StateDict | None = None) -> StateDict:
+        path = self.expert_files[task]
+        state = self.load_encoder(path, f"the expert for task '{task}'")
+        check_same_layout(pretrained or self.pretrained(), state,
+                          f"the expert for task '{task}' ({path})")
+        check_finite_weights(state, f"the expert for task '{task}' ({path})")
+        return state
+
+    def head(self, task: str) -> ZeroShotHead:
+        return self.load_head(self.head_files[task], f"the head for task '{task}'")
+
+    def checkpoint_hashes(self) -> dict:
+        return {"pretrained": file_sha256(self.pretrained_file),
+                "experts": {t: file_sha256(p) for t, p in self.expert_files.items()},
+                "heads": {t: file_sha256(p) for t, p in self.head_files.items()}}
+
+    def reference_accuracies(self) -> None:
+        return None  # measured by the workbench on the task data (and cached)
+
+
+# ------------------------------------------------------------------------- the formats
+
+
+def _task_vectors(cfg: DictConfig, tasks: list[str], encoder: nn.Module) -> FilePool:
+    from tintcli.checkpoints.convert import from_open_clip
+    from tintcli.checkpoints.pickles import load_pickled, module_state_dict
+
+    root = _folder(cfg.path, "pool.path", "the task_vectors release folder")
+    dirs = {t: str((cfg.get("dirs") or {}).get(t, t)) for t in tasks}
+
+    def load_encoder(path: Path, what: str) -> StateDict:
+        return from_open_clip(module_state_dict(load_pickled(path, what)), encoder)
+
+    def load_head(path: Path, what: str) -> ZeroShotHead:
+        return ZeroShotHead.from_state_dict(dict(module_state_dict(load_pickled(path, what))))
+
+    return FilePool("task_vectors", tasks, encoder, root / "zeroshot.pt",
+                    {t: root / dirs[t] / "finetuned.pt" for t in tasks},
+                    {t: root / f"head_{dirs[t]}.pt" for t in tasks}, load_encoder, load_head)
+
+
+def _local(cfg: DictConfig, tasks: list[str], encoder: nn.Module) -> FilePool:
+    root = _folder(cfg.path, "pool.path", "the local pool folder")
+
+    def load_head(path: Path, what: str) -> ZeroShotHead:
+        return ZeroShotHead.from_state_dict(load_state_dict(path, what))
+
+    return FilePool("local", tasks, encoder, root / "pretrained.safetensors",
+                    {t: root / "experts" / f"{t}.safetensors" for t in tasks},
+                    {t: root / "heads" / f"{t}.safetensors" for t in tasks},
+                    lambda path, what: load_state_dict(path, what), load_head)
+
+
+def _hf(cfg: DictConfig, tasks: list[str], encoder: nn.Module) -> FilePool:
+    from tintcli.checkpoints.convert import from_hf_clip
+
+    base = _hf_weights(str(cfg.base), "pool.base")
+    experts = {t: _hf_weights(str(cfg.experts).format(task=t), f"the expert for '{t}'")
+               for t in tasks}
+    projection: dict[str, torch.Tensor] = {}
+
+    def load_encoder(path: Path, what: str) -> StateDict:
+        state = _read_hf(path, what)
+        if not projection:
+            projection["weight"] = _read_hf(base, "the base CLIP model")[
+                "visual_projection.weight"]
+        return from_hf_clip(state, projection["weight"])
+
+    heads_dir = _folder(cfg.heads, "pool.heads", "the zero-shot heads folder") if \
+        cfg.get("heads") else None
+    if heads_dir is None:
+        raise TintError("hf pool: zero-shot heads are needed: pass pool.heads=<folder of "
+                        "<task>.safetensors heads> (tint convert writes them)\nHeads from the "
+                        "base model's text tower come with the real task sets' class names "
+                        "and templates.")
+    return FilePool("hf", tasks, encoder, base, experts,
+                    {t: heads_dir / f"{t}.safetensors" for t in tasks}, load_encoder,
+                    lambda path, what: ZeroShotHead.from_state_dict(load_state_dict(path, what)))
+
+
+def _read_hf(path: Path, what: str) -> StateDict:
+    if path.suffix == ".bin":  # pytorch_model.bin: tensors only, never code
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise TintError(f"cannot read the checkpoint for {what}: {path} ({err})") from err
+    return load_state_dict(path, what)
+
+
+def _hf_weights(source: str, what: str) -> Path:
+    """The weights file of a ``save_pretrained`` folder, or of a hub id (from the local
+    Hugging Face cache, or downloaded). Without a network, says what to set instead."""
+    folder = Path(source).expanduser()
+    if not folder.exists():
+        folder = _hub_snapshot(source, what)
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise TintError(f"no model.safetensors or pytorch_model.bin in {folder} ({what})")
+
+
+def _hub_snapshot(repo_id: str, what: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "model.safetensors", "pytorch_model.bin"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns,
+                                      local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached: try the hub below
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise TintError(f"cannot get {repo_id} ({what}): HF_HUB_OFFLINE is set and it is not "
+                        "in the local Hugging Face cache\nDownload it where there is a network "
+                        f"(huggingface-cli download {repo_id}), or point {what} at a local "
+                        "save_pretrained folder.")
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, etag_timeout=10))
+    except Exception as err:  # noqa: BLE001 - no network, no such repo, no access
+        raise TintError(f"cannot get {repo_id} ({what}) from the Hugging Face Hub: "
+                        f"{type(err).__name__}\nWithout a network, point it at a local "
+                        "save_pretrained folder, or download it first and set "
+                        "HF_HUB_OFFLINE=1 (or HF_HOME) so tint finds it in the cache.") from err
+
+
+def _folder(value: object, setting: str, what: str) -> Path:
+    if value in (None, "", "???"):
+        raise TintError(f"{setting} is not set: point it at {what}")
+    folder = Path(str(value)).expanduser()
+    if not folder.is_dir():
+        raise TintError(f"{setting}={folder} is not a folder ({what})")
+    return folder
+
+
+POOLS: dict[str, Callable[[DictConfig, list[str], nn.Module], FilePool]] = {
+    "task_vectors": _task_vectors, "local": _local, "hf": _hf}
+
+
+def open_pool(pool_cfg: DictConfig, tasks: list[str], encoder: nn.Module,
+              encoder_name: str = "?") -> FilePool:
+    """A checkpoint pool (every kind but ``synth``), its task table validated."""
+    if pool_cfg.kind not in POOLS:
+        raise TintError(f"unknown pool kind '{pool_cfg.kind}'; tint has: synth, "
+                        f"{', '.join(POOLS)}")
+    pool = POOLS[pool_cfg.kind](pool_cfg, tasks, encoder)
+    pool.encoder_name = encoder_name
+    pool.validate()
+    return pool
+
+
+def check_experts_beat_zero_shot(accuracies: Mapping[str, tuple[float, float]],
+                                 pool: str) -> None:
+    """An expert no better than zero-shot on its own task is almost always a wrong
+    task -> checkpoint map (PAPER.md): refuse it, naming the task."""
+    for task, (zeroshot, expert) in accuracies.items():
+        if expert <= zeroshot:
+            raise TintError(f"the expert for task '{task}' scores {100 * expert:.1f}% on its "
+                            f"own test split, no better than zero-shot ({100 * zeroshot:.1f}%)"
+                            f"\nThe {pool} pool's task -> checkpoint map is probably wrong "
+                            "(e.g. two tasks swapped): check pool.dirs / pool.experts.")
