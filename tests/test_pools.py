@@ -153,6 +153,12 @@ def test_merge_over_an_hf_pool_and_convert_to_local_give_the_same_numbers(
 
     out = run_tint("convert", *CLIP_TINY, *_pool_args(release), f"out={tmp_path / 'local'}")
     assert out.returncode == 0, out.stderr
+    # a pool's own task names, not a task set's (real names such as mnist come with issue 12)
+    out = run_tint("convert", *CLIP_TINY, *_pool_args(release), "names=[digits,signs]",
+                   f"out={tmp_path / 'two'}")
+    assert out.returncode == 0, out.stderr
+    assert sorted(p.name for p in (tmp_path / "two" / "experts").iterdir()) == [
+        "digits.safetensors", "signs.safetensors"]
     for pool, folder in ((_pool_args(release), "a"), (["pool=local",
                                                       f"pool.path={tmp_path / 'local'}"], "b")):
         out = run_tint("merge", *CLIP_TINY, *pool, "method=ties",

@@ -22,7 +22,9 @@ def convert(cfg: DictConfig, console: Console) -> Path:
     if (out / "pool.json").exists() and not cfg.overwrite:
         raise TintError(f"{out} already holds a converted pool\nChoose another out=, or pass "
                         "overwrite=true.")
-    tasks = task_names(cfg.tasks)
+    tasks = [str(n) for n in cfg.names] if cfg.get("names") else task_names(cfg.tasks)
+    if not tasks or len(set(tasks)) != len(tasks):
+        raise TintError(f"names={tasks} must list each of the pool's tasks once")
     pool = open_pool(cfg.pool, tasks, build_encoder(cfg.encoder), cfg.encoder.name)
     hashes = pool.checkpoint_hashes()
     with console.status("converting the pretrained encoder"):
