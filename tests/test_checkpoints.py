@@ -173,7 +173,8 @@ def test_a_class_called_with_arguments_is_refused(tmp_path):
 def tiny_hf_clip():
     config = transformers.CLIPConfig(
         text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, vocab_size=64, max_position_embeddings=8),
+                         num_attention_heads=2, vocab_size=64, max_position_embeddings=32,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1),
         vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=2, image_size=32, patch_size=8,
                            hidden_act="quick_gelu"),
@@ -248,3 +249,45 @@ def test_real_size_encoders_have_the_real_towers_keys_and_sizes(encoder):
     acts = {type(m).__name__ for m in ours.modules()}
     assert "QuickGELU" in acts and "GELU" not in acts
     assert F.gelu is not None
+
+
+def tiny_clip_tokenizer(folder):
+    """A real CLIPTokenizer over a letters-only BPE vocabulary (no merges), saved as the
+    hub's files (vocab.json, merges.txt)."""
+    import json
+    import string
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return transformers.CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+
+
+def test_text_tower_heads_follow_the_task_vectors_recipe(tmp_path):
+    """Per class: embed each filled template, normalise, average, normalise; rows scaled by
+    exp(logit_scale). Checked against a port of the reference's zeroshot head code."""
+    from tintcli.heads import text_tower_head
+
+    model = tiny_hf_clip()
+    tokenizer = tiny_clip_tokenizer(tmp_path / "tok")
+    classnames, templates = ["cat", "dog", "owl"], ["a {}", "the {} here", "{}"]
+    head = text_tower_head(model, tokenizer, classnames, templates)
+
+    with torch.no_grad():  # the reference: task_vectors' get_zeroshot_classifier
+        weights = []
+        for name in classnames:
+            tokens = tokenizer([t.format(name) for t in templates], padding=True,
+                               return_tensors="pt")
+            emb = model.get_text_features(**tokens)
+            emb = getattr(emb, "pooler_output", emb)
+            emb = emb / emb.norm(dim=-1, keepdim=True)
+            emb = emb.mean(dim=0, keepdim=True)
+            weights.append(emb / emb.norm())
+        weights = torch.cat(weights) * model.logit_scale.exp()
+    assert torch.allclose(head.weight, weights, atol=1e-6)
+    assert torch.equal(head.bias, torch.zeros(3))
+    features = torch.randn(4, 16)
+    assert torch.allclose(head(features), F.normalize(features, dim=-1) @ weights.T, atol=1e-5)

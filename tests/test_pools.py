@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import compose_config
-from test_checkpoints import tiny_hf_clip, tiny_open_clip
+from test_checkpoints import tiny_clip_tokenizer, tiny_hf_clip, tiny_open_clip
 from torch import nn
 
 from tintcli.encoders import preprocess
@@ -106,6 +106,7 @@ def hf_pool(tmp_path_factory, tiny_cache):
     root = tmp_path_factory.mktemp("hf")
     base = tiny_hf_clip()
     base.save_pretrained(root / "base")
+    tiny_clip_tokenizer(root / "tokenizer").save_pretrained(root / "base")
     (root / "heads").mkdir()
     for i, task in enumerate(TASKS):
         vision = transformers.CLIPVisionModel(base.config.vision_config).eval()
@@ -204,3 +205,31 @@ def test_hf_pool_without_a_network_says_what_to_set(run_tint, tmp_path, monkeypa
     first = out.stderr.splitlines()[0]
     assert first.startswith("error: cannot get openai/clip-vit-base-patch32")
     assert "HF_HUB_OFFLINE" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_hf_heads_come_from_the_text_tower_with_the_given_names_and_templates(
+        run_tint, tmp_path, hf_pool):
+    from safetensors.torch import load_file
+
+    from tintcli.heads import text_tower_head
+
+    hf = ["pool=hf", f"pool.base={hf_pool / 'base'}", f"pool.experts='{hf_pool}/clip_{{task}}'"]
+    out = run_tint("convert", *CLIP_TINY, *hf, f"out={tmp_path / 'none'}")
+    assert out.returncode == 2
+    assert out.stderr.splitlines()[0] == (
+        "error: hf pool: no zero-shot heads for signs, digits, textures: give pool.classnames "
+        "and pool.templates per task (the text tower embeds them), or "
+        "pool.heads=<folder of <task>.safetensors>")
+    names = {"signs": ["stop", "yield"], "digits": ["zero", "one", "two"],
+             "textures": ["dots", "lines"]}
+    classnames = "{" + ", ".join(f"{t}: [{', '.join(n)}]" for t, n in names.items()) + "}"
+    templates = "{" + ", ".join(f"{t}: ['a {{}}', 'the {{}} sign']" for t in names) + "}"
+    out = run_tint("convert", *CLIP_TINY, *hf, f"pool.classnames={classnames}",
+                   f"pool.templates={templates}", f"out={tmp_path / 'text'}")
+    assert out.returncode == 0, out.stderr
+    model = transformers.CLIPModel.from_pretrained(hf_pool / "base").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_pool / "base")
+    for task, classes in names.items():
+        expected = text_tower_head(model, tokenizer, classes, ["a {}", "the {} sign"])
+        saved = load_file(tmp_path / "text" / "heads" / f"{task}.safetensors")
+        assert torch.allclose(saved["weight"], expected.weight, atol=1e-6)

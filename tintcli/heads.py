@@ -53,3 +53,20 @@ class CaptionEmbeddings(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         scale = self.logit_scale.exp().clamp(max=self.max_scale)
         return scale * F.normalize(features, dim=-1) @ F.normalize(self.embeddings, dim=-1).T
+
+
+@torch.no_grad()
+def text_tower_head(model: nn.Module, tokenizer, classnames: list[str],
+                    templates: list[str]) -> ZeroShotHead:
+    """A task's zero-shot head from a Hugging Face ``CLIPModel``'s text tower, as the
+    task_vectors code builds it: per class, embed every template filled with the class
+    name, L2-normalise, average over templates, normalise again; rows scaled by
+    ``exp(logit_scale)``."""
+    rows = []
+    for name in classnames:
+        tokens = tokenizer([t.format(name) for t in templates], padding=True,
+                           return_tensors="pt")
+        features = model.get_text_features(**tokens)
+        features = getattr(features, "pooler_output", features)  # transformers 5 wraps it
+        rows.append(F.normalize(F.normalize(features.float(), dim=-1).mean(0), dim=-1))
+    return ZeroShotHead.from_embeddings(torch.stack(rows), float(model.logit_scale.exp()))

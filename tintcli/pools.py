@@ -50,7 +50,7 @@ class FilePool:
     expert_files: dict[str, Path]
     head_files: dict[str, Path]
     load_encoder: Callable[[Path, str], StateDict]
-    load_head: Callable[[Path, str], ZeroShotHead]
+    load_head: Callable[[Path, str], ZeroShotHead]  # (file, task) -> head
     encoder_name: str = "?"
     _pretrained: StateDict | None = field(default=None, repr=False)
 
@@ -87,7 +87,7 @@ class FilePool:
         return state
 
     def head(self, task: str) -> ZeroShotHead:
-        return self.load_head(self.head_files[task], f"the head for task '{task}'")
+        return self.load_head(self.head_files[task], task)
 
     def checkpoint_hashes(self) -> dict:
         return {"pretrained": file_sha256(self.pretrained_file),
@@ -111,8 +111,9 @@ def _task_vectors(cfg: DictConfig, tasks: list[str], encoder: nn.Module) -> File
     def load_encoder(path: Path, what: str) -> StateDict:
         return from_open_clip(module_state_dict(load_pickled(path, what)), encoder)
 
-    def load_head(path: Path, what: str) -> ZeroShotHead:
-        return ZeroShotHead.from_state_dict(dict(module_state_dict(load_pickled(path, what))))
+    def load_head(path: Path, task: str) -> ZeroShotHead:
+        record = load_pickled(path, f"the head for task '{task}'")
+        return ZeroShotHead.from_state_dict(dict(module_state_dict(record)))
 
     return FilePool("task_vectors", tasks, encoder, root / "zeroshot.pt",
                     {t: root / dirs[t] / "finetuned.pt" for t in tasks},
@@ -122,13 +123,10 @@ def _task_vectors(cfg: DictConfig, tasks: list[str], encoder: nn.Module) -> File
 def _local(cfg: DictConfig, tasks: list[str], encoder: nn.Module) -> FilePool:
     root = _folder(cfg.path, "pool.path", "the local pool folder")
 
-    def load_head(path: Path, what: str) -> ZeroShotHead:
-        return ZeroShotHead.from_state_dict(load_state_dict(path, what))
-
     return FilePool("local", tasks, encoder, root / "pretrained.safetensors",
                     {t: root / "experts" / f"{t}.safetensors" for t in tasks},
                     {t: root / "heads" / f"{t}.safetensors" for t in tasks},
-                    lambda path, what: load_state_dict(path, what), load_head)
+                    lambda path, what: load_state_dict(path, what), _safetensors_head)
 
 
 def _hf(cfg: DictConfig, tasks: list[str], encoder: nn.Module) -> FilePool:
@@ -146,16 +144,45 @@ def _hf(cfg: DictConfig, tasks: list[str], encoder: nn.Module) -> FilePool:
                 "visual_projection.weight"]
         return from_hf_clip(state, projection["weight"])
 
-    heads_dir = _folder(cfg.heads, "pool.heads", "the zero-shot heads folder") if \
-        cfg.get("heads") else None
-    if heads_dir is None:
-        raise TintError("hf pool: zero-shot heads are needed: pass pool.heads=<folder of "
-                        "<task>.safetensors heads> (tint convert writes them)\nHeads from the "
-                        "base model's text tower come with the real task sets' class names "
-                        "and templates.")
-    return FilePool("hf", tasks, encoder, base, experts,
-                    {t: heads_dir / f"{t}.safetensors" for t in tasks}, load_encoder,
-                    lambda path, what: ZeroShotHead.from_state_dict(load_state_dict(path, what)))
+    if cfg.get("heads"):  # a folder of <task>.safetensors heads (what tint convert writes)
+        heads_dir = _folder(cfg.heads, "pool.heads", "the zero-shot heads folder")
+        head_files = {t: heads_dir / f"{t}.safetensors" for t in tasks}
+        load_head = _safetensors_head
+    else:  # from the base model's text tower, with each task's class names and templates
+        classnames, templates = cfg.get("classnames") or {}, cfg.get("templates") or {}
+        lacking = [t for t in tasks if not classnames.get(t) or not templates.get(t)]
+        if lacking:
+            raise TintError(f"hf pool: no zero-shot heads for {', '.join(lacking)}: give "
+                            "pool.classnames and pool.templates per task (the text tower "
+                            "embeds them), or pool.heads=<folder of <task>.safetensors>")
+        text = _TextTower(base.parent)
+        head_files = {t: base for t in tasks}  # the heads' digests are the base model's
+
+        def load_head(path: Path, task: str) -> ZeroShotHead:
+            return text.head(list(classnames[task]), list(templates[task]))
+
+    return FilePool("hf", tasks, encoder, base, experts, head_files, load_encoder, load_head)
+
+
+class _TextTower:
+    """The base CLIPModel and its tokenizer, loaded once, only when a head is asked for."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.model, self.tokenizer = folder, None, None
+
+    def head(self, classnames: list[str], templates: list[str]) -> ZeroShotHead:
+        from tintcli.heads import text_tower_head
+
+        if self.model is None:
+            import transformers
+
+            self.model = transformers.CLIPModel.from_pretrained(self.folder).eval()
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder)
+        return text_tower_head(self.model, self.tokenizer, classnames, templates)
+
+
+def _safetensors_head(path: Path, task: str) -> ZeroShotHead:
+    return ZeroShotHead.from_state_dict(load_state_dict(path, f"the head for task '{task}'"))
 
 
 def _read_hf(path: Path, what: str) -> StateDict:
@@ -182,7 +209,7 @@ def _hf_weights(source: str, what: str) -> Path:
 def _hub_snapshot(repo_id: str, what: str) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "model.safetensors", "pytorch_model.bin"]
+    patterns = ["*.json", "*.txt", "model.safetensors", "pytorch_model.bin"]  # + tokenizer
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns,
                                       local_files_only=True))

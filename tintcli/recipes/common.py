@@ -71,8 +71,10 @@ class Workbench:
 
     def measure_references(self, cfg: DictConfig) -> dict[str, tuple[float, float]]:
         """Zero-shot and expert accuracy per task, cached by the digests of the checkpoints
-        and the test data and by what else decides them (encoder, device type, torch)."""
+        and the test data and by what else decides them (the pool's settings, the encoder,
+        device type, torch)."""
         key = {"checkpoints": self.pool.checkpoint_hashes(), "data": self.data_digests,
+               "pool": OmegaConf.to_container(cfg.pool, resolve=True),  # e.g. head templates
                "encoder": OmegaConf.to_container(cfg.encoder, resolve=True),
                "device": self.device.type, "torch": torch.__version__}
 
