@@ -38,8 +38,10 @@ TINY_TIMM = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2)
 
 
 def tiny_timm_clip(embed: int = 16) -> nn.Module:
-    return timm.create_model("vit_base_patch32_clip_quickgelu_224", pretrained=False,
-                             num_classes=embed, **TINY_TIMM).eval()
+    model = timm.create_model("vit_base_patch32_clip_quickgelu_224", pretrained=False,
+                              num_classes=embed, **TINY_TIMM).eval()
+    model.head.register_parameter("bias", None)  # as encoder.head_bias=false builds it
+    return model
 
 
 def tiny_open_clip() -> nn.Module:
@@ -244,8 +246,8 @@ def test_real_size_encoders_have_the_real_towers_keys_and_sizes(encoder):
     assert {k: tuple(v.shape) for k, v in converted.items()} == expected
     visual = sum(p.numel() for p in real.visual.parameters())
     assert visual == params
-    # tint's encoder adds only the projection's zero bias (timm's head is a Linear)
-    assert sum(p.numel() for p in ours.parameters()) == params + cfg.num_classes
+    assert sum(p.numel() for p in ours.parameters()) == params  # no more, no less
+    assert len(converted) == len(real.visual.state_dict())  # 152 for B/32: PAPER.md
     acts = {type(m).__name__ for m in ours.modules()}
     assert "QuickGELU" in acts and "GELU" not in acts
     assert F.gelu is not None

@@ -233,3 +233,46 @@ def test_hf_heads_come_from_the_text_tower_with_the_given_names_and_templates(
         expected = text_tower_head(model, tokenizer, classes, ["a {}", "the {} sign"])
         saved = load_file(tmp_path / "text" / "heads" / f"{task}.safetensors")
         assert torch.allclose(saved["weight"], expected.weight, atol=1e-6)
+
+
+def test_ties_over_a_task_vectors_pool_is_the_reference_over_the_whole_checkpoint(release):
+    """The reference flattens each whole ImageEncoder state dict (visual tower and CLIP's
+    text leftovers) before it trims the top 20 %: with ties_scope=full tint's TIES gives its
+    visual tower entry for entry; the visual-only convention keeps other entries."""
+    from test_merging import _reference_ties
+
+    from tintcli.checkpoints.convert import from_open_clip
+    from tintcli.checkpoints.pickles import load_pickled, module_state_dict
+    from tintcli.encoders import build_encoder
+    from tintcli.io import encoder_entries
+    from tintcli.merging import ties_merge
+    from tintcli.pools import open_pool
+
+    raw_pre = module_state_dict(load_pickled(release / "zeroshot.pt", "zero-shot"))
+    raw = {t: module_state_dict(load_pickled(release / DIRS[t] / "finetuned.pt", t))
+           for t in TASKS}
+    keys = list(raw_pre)
+    assert any(k.startswith("model.token_embedding") for k in keys)
+    flat = lambda sd: torch.cat([sd[k].flatten() for k in keys])  # noqa: E731
+    merged = _reference_ties(flat(raw_pre), torch.stack([flat(raw[t]) - flat(raw_pre)
+                                                         for t in TASKS]), 20, "sum", 0.3)
+    sizes = [raw_pre[k].numel() for k in keys]
+    unflat = {k: v.view(raw_pre[k].shape) for k, v in zip(keys, merged.split(sizes),
+                                                           strict=True)}
+    cfg = compose_config(overrides=[*CLIP_TINY, *_pool_args(release)], tiny=False)
+    encoder = build_encoder(cfg.encoder)
+    expected = from_open_clip(unflat, encoder)
+
+    def ours(scope):
+        cfg.pool.ties_scope = scope
+        pool = open_pool(cfg.pool, TASKS, encoder, cfg.encoder.name)
+        pre = pool.pretrained()
+        out = ties_merge(pre, {t: pool.expert(t, pre) for t in TASKS}, top_k=20, merge="sum",
+                         lam=0.3)
+        return encoder_entries(out)
+
+    full = ours("full")
+    assert full.keys() == expected.keys()
+    assert all(torch.equal(full[k], expected[k]) for k in expected)
+    vision = ours("vision")
+    assert not all(torch.equal(vision[k], expected[k]) for k in expected)

@@ -18,8 +18,11 @@ def build_encoder(encoder_cfg: DictConfig) -> nn.Module:
         if encoder_cfg.get("timm_kwargs") else {}
     num_classes = int(encoder_cfg.get("num_classes", 0) or 0)
     try:
-        return timm.create_model(encoder_cfg.timm_model, pretrained=False,
-                                 num_classes=num_classes, **kwargs)
+        model = timm.create_model(encoder_cfg.timm_model, pretrained=False,
+                                  num_classes=num_classes, **kwargs)
+        if encoder_cfg.get("head_bias", True) is False:  # CLIP's projection has no bias
+            model.head.register_parameter("bias", None)
+        return model
     except (AssertionError, RuntimeError, TypeError, ValueError) as err:
         reason = (str(err).splitlines() or [type(err).__name__])[0]
         reason = reason if len(reason) <= 120 else reason[:117] + "..."

@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from tintcli.io import StateDict
+from tintcli.io import StateDict, encoder_entries
 
 
 @torch.inference_mode()
@@ -38,7 +38,7 @@ def evaluate_tasks(encoder: nn.Module, state_for: Callable[[str], StateDict],
     for task in test_sets:
         state = state_for(task)
         if state is not loaded:
-            encoder.load_state_dict(state)
+            encoder.load_state_dict(encoder_entries(state))
             loaded = state
         out[task] = accuracy(encoder, heads[task], *test_sets[task], device)
     return out

@@ -18,6 +18,15 @@ from tintcli.errors import TintError
 
 StateDict = dict[str, torch.Tensor]
 
+# Entries merged like the rest that are not the encoder's own: the CLIP text-tower leftovers
+# of task_vectors checkpoints, which the reference TIES counts in its top-k ranking.
+EXTRA = "text."
+
+
+def encoder_entries(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """What loads into the encoder: every entry but the extras."""
+    return {k: v for k, v in state.items() if not k.startswith(EXTRA)}
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()

@@ -33,6 +33,7 @@ from tintcli.io import (
     StateDict,
     check_finite_weights,
     check_same_layout,
+    encoder_entries,
     file_sha256,
     load_state_dict,
 )
@@ -72,7 +73,7 @@ class FilePool:
     def pretrained(self) -> StateDict:
         if self._pretrained is None:
             state = self.load_encoder(self.pretrained_file, "the pretrained encoder")
-            check_same_layout(self.encoder.state_dict(), state,
+            check_same_layout(self.encoder.state_dict(), encoder_entries(state),
                               f"the pretrained encoder ({self.pretrained_file})",
                               f"encoder={self.encoder_name} (check encoder.timm_kwargs)")
             self._pretrained = state
@@ -102,14 +103,19 @@ class FilePool:
 
 
 def _task_vectors(cfg: DictConfig, tasks: list[str], encoder: nn.Module) -> FilePool:
-    from tintcli.checkpoints.convert import from_open_clip
+    from tintcli.checkpoints.convert import from_open_clip, text_leftovers
     from tintcli.checkpoints.pickles import load_pickled, module_state_dict
 
     root = _folder(cfg.path, "pool.path", "the task_vectors release folder")
     dirs = {t: str((cfg.get("dirs") or {}).get(t, t)) for t in tasks}
+    scope = cfg.get("ties_scope", "full")
+    if scope not in ("full", "vision"):
+        raise TintError(f"pool.ties_scope={scope} must be full or vision")
 
     def load_encoder(path: Path, what: str) -> StateDict:
-        return from_open_clip(module_state_dict(load_pickled(path, what)), encoder)
+        state = module_state_dict(load_pickled(path, what))
+        extras = text_leftovers(state) if scope == "full" else {}
+        return {**from_open_clip(state, encoder), **extras}
 
     def load_head(path: Path, task: str) -> ZeroShotHead:
         record = load_pickled(path, f"the head for task '{task}'")

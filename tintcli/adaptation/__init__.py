@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tintcli.errors import TintError
-from tintcli.io import StateDict, check_finite_weights
+from tintcli.io import StateDict, check_finite_weights, encoder_entries
 
 StepCallback = Callable[[int, int, float], None]  # (steps done, total steps, last loss)
 
@@ -67,7 +67,7 @@ class AdaptationContext:
         missing = [t for t in self.tasks if t not in self._expert_logits]
         encoder = copy.deepcopy(self.encoder).to(self.device).eval() if missing else None
         for task in missing:
-            encoder.load_state_dict(experts[task])
+            encoder.load_state_dict(encoder_entries(experts[task]))
             head, images = self.head(task), self.images[task]
             self._expert_logits[task] = torch.cat([
                 head(encoder(images[i : i + batch_size].to(self.device)))

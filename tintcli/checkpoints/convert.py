@@ -1,6 +1,7 @@
 """One filter per source format, each giving the state dict of tint's CLIP encoder: a timm
 VisionTransformer whose ``head`` is CLIP's image projection (as in timm's
-``vit_*_clip_quickgelu_224.openai`` models). Every pool converts to this one layout, so every
+``vit_*_clip_quickgelu_224.openai`` models, less the zero bias timm gives it: the result has
+exactly the tensors of OpenAI's visual tower). Every pool converts to this one layout, so every
 merging method, lambda granularity and tinted layer works on all of them unchanged.
 
 - ``from_open_clip``: OpenAI / open_clip ``CLIP`` state dicts (``visual.*``; the
@@ -37,7 +38,9 @@ def from_open_clip(state: Mapping[str, torch.Tensor], model: nn.Module) -> State
         raise TintError("not an OpenAI/open_clip CLIP checkpoint: no visual.class_embedding")
     visual = {k[len(prefix):]: v for k, v in state.items()
               if k.startswith(prefix + "visual.")}
-    return dict(checkpoint_filter_fn(visual, model))
+    out = dict(checkpoint_filter_fn(visual, model))
+    out.pop("head.bias")  # timm's filter adds a zero bias the projection never had
+    return out
 
 
 def text_leftovers(state: Mapping[str, torch.Tensor]) -> StateDict:
@@ -78,7 +81,7 @@ def from_hf_clip(state: Mapping[str, torch.Tensor],
         "patch_embed.proj.weight": get("embeddings.patch_embedding.weight"),
         "norm_pre.weight": get("pre_layrnorm.weight"), "norm_pre.bias": get("pre_layrnorm.bias"),
         "norm.weight": get("post_layernorm.weight"), "norm.bias": get("post_layernorm.bias"),
-        "head.weight": projection, "head.bias": torch.zeros(projection.shape[0]),
+        "head.weight": projection,
     }
     layers = sorted({int(m.group(1)) for k in state
                      if (m := re.match(re.escape(base) + r"encoder\.layers\.(\d+)\.", k))})

@@ -21,7 +21,7 @@ from tintcli.adaptation import (
     check_finite,
     check_values,
 )
-from tintcli.io import StateDict
+from tintcli.io import EXTRA, StateDict, encoder_entries
 from tintcli.merging import register
 from tintcli.merging.ties import ties_task_vectors
 
@@ -57,8 +57,11 @@ class AdaMerging(AdaptationRun):
         weights; one backward then carries the summed gradient through the merge to lambda."""
         images = self.next_batches() if images is None else images
         merged = self.merger()
-        leaves = {k: merged[k].detach().requires_grad_() for k in self.merger.keys}
-        weights = {**merged, **leaves}
+        # the encoder's merged entries as leaves (extras such as CLIP text leftovers are
+        # merged but never run, so their lambdas get no gradient)
+        keys = [k for k in self.merger.keys if not k.startswith(EXTRA)]
+        leaves = {k: merged[k].detach().requires_grad_() for k in keys}
+        weights = {**encoder_entries(merged), **leaves}
         total = 0.0
         for task in self.tasks:
             loss = entropy(self.heads[task](functional_call(self.encoder, weights,
@@ -67,8 +70,7 @@ class AdaMerging(AdaptationRun):
             loss.backward()
             total += loss.item()
         self.optimizer.zero_grad()
-        torch.autograd.backward([merged[k] for k in self.merger.keys],
-                                [leaves[k].grad for k in self.merger.keys])
+        torch.autograd.backward([merged[k] for k in keys], [leaves[k].grad for k in keys])
         self.optimizer.step()
         self.steps_done += 1
         return total

@@ -30,7 +30,7 @@ from tintcli.adaptation import (
     check_values,
     pseudo_label_loss,
 )
-from tintcli.io import StateDict
+from tintcli.io import StateDict, encoder_entries
 from tintcli.merging import register
 
 
@@ -104,7 +104,7 @@ class Tinting(AdaptationRun):
         """One step on one task's batch: merge on the device, forward, one backward."""
         images, expert_logits = self.next_batch(task) if batch is None else batch
         merged = self.merger()
-        weights = {**merged, **self._tinted(merged, task)}
+        weights = {**encoder_entries(merged), **self._tinted(merged, task)}
         logits = self.heads[task](functional_call(self.encoder, weights, (images,)))
         loss, kept = pseudo_label_loss(logits, expert_logits, self.sampler)
         check_finite(loss, self.name, self.steps_done + 1, task)

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from tintcli.adaptation import pseudo_label_loss
 from tintcli.encoders import build_encoder
-from tintcli.io import write_json
+from tintcli.io import encoder_entries, write_json
 from tintcli.merging import check_parameters
 from tintcli.merging.adamerging import AdaMerging, entropy
 from tintcli.merging.tinting import Tinting
@@ -60,7 +60,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
     bench = Workbench.load(cfg, console)
     context = bench.adaptation_context(cfg.seed)
     plain = bench.encoder.train(False)
-    plain.load_state_dict(bench.pretrained)
+    plain.load_state_dict(encoder_entries(bench.pretrained))
     plain.requires_grad_(True)
     measure = lambda fn: _timed(fn, bench.device, cfg.warmup, cfg.repeats)  # noqa: E731
     rows = []
