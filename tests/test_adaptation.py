@@ -9,17 +9,17 @@ from rich.console import Console
 from torch.func import functional_call
 
 from tintcli.adaptation import LambdaMerger, pseudo_label_loss
+from tintcli.adaptation.adamerging import AdaMerging, entropy
 from tintcli.adaptation.samplers import keep_all, keep_confident
+from tintcli.adaptation.tinting import Tinting
 from tintcli.errors import TintError
 from tintcli.merging import (
-    adapt,
     task_arithmetic_merge,
     task_vector,
     ties_merge,
     ties_task_vectors,
 )
-from tintcli.merging.adamerging import AdaMerging, entropy
-from tintcli.merging.tinting import Tinting
+from tintcli.methods import adapt
 
 T = torch.tensor
 
@@ -184,7 +184,7 @@ def test_tinting_an_encoder_module_instead_of_the_head(bench):
     ("tinting", {"lam_init": 1.5}, r"lam_init=1.5 must be in \[0, 1\]"),
 ])
 def test_bad_values_fail_before_any_work(method, params, message):
-    from tintcli.merging import check_parameters
+    from tintcli.methods import check_parameters
 
     with pytest.raises(TintError, match=rf"^bad parameters for method '{method}': {message}"):
         check_parameters(method, params)

@@ -165,7 +165,11 @@ def test_merging_functions_are_importable_from_the_package():
     import tintcli
 
     assert tintcli.ties_merge is tintcli.merging.ties.ties_merge
-    assert {"weight_averaging", "task_arithmetic", "ties"} <= set(tintcli.MERGE_METHODS)
+    assert tintcli.tinting_merge is tintcli.adaptation.tinting.tinting_merge
+    from tintcli.methods import registered
+
+    assert {"weight_averaging", "task_arithmetic", "ties", "adamerging",
+            "tinting"} <= set(registered())
 
 
 FAST = ["method.methods.adamerging_task.steps=2", "method.methods.adamerging.steps=2",

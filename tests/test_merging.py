@@ -120,7 +120,7 @@ def test_merge_errors_name_the_problem():
 
 
 def test_a_bug_inside_a_method_is_not_blamed_on_the_config():
-    from tintcli.merging import MERGE_METHODS, Method
+    from tintcli.methods import MERGE_METHODS, Method
 
     def broken(pretrained, experts, lam=0.3):
         return len(None)  # a TypeError from the method's own code

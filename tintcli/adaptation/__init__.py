@@ -1,4 +1,5 @@
-"""Test-time adaptation: what AdaMerging and Model Tinting share.
+"""Test-time adaptive merging: AdaMerging and Model Tinting (``adamerging.py``,
+``tinting.py``: trainers, registered as methods) and what they share.
 
 An adaptive method learns merging coefficients (and, for Tinting, one task-specific layer per
 task) on unlabeled test images. The pieces here are method-agnostic:
@@ -95,7 +96,7 @@ def batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator
 def check_values(params: Mapping[str, object], encoder: nn.Module | None = None) -> None:
     """Value checks shared by the adaptive methods (each key only where the method has it)."""
     from tintcli.adaptation.samplers import SAMPLERS
-    from tintcli.merging.checks import number, one_of, positive, whole
+    from tintcli.checks import number, one_of, positive, whole
 
     positive(params, "lr")
     for key in ("steps", "epochs", "batch_size"):
@@ -178,5 +179,10 @@ class AdaptationRun:
         return Adapted(self.name, state, dict(heads), tints, self.merger.lambdas().detach().cpu(),
                        self.merger.layer_names, self.tasks, loss_curve, tinted)
 
+# The trainers (importing them registers them as methods).
+from tintcli.adaptation.adamerging import adamerging_merge  # noqa: E402
+from tintcli.adaptation.tinting import tinting_merge  # noqa: E402
+
 __all__ = ["AdaptationContext", "AdaptationRun", "Adapted", "LambdaMerger", "SAMPLERS",
-           "batches", "check_finite", "check_values", "pseudo_label_loss"]
+           "batches", "check_finite", "check_values", "pseudo_label_loss", "adamerging_merge",
+           "tinting_merge"]

@@ -6,10 +6,10 @@ from collections.abc import Mapping
 
 import torch
 
+from tintcli.checks import number
 from tintcli.io import StateDict
-from tintcli.merging import register
-from tintcli.merging.checks import number
 from tintcli.merging.task_vectors import add_task_vector, task_vector
+from tintcli.methods import register
 
 
 @register("task_arithmetic", check=lambda params, encoder=None: number(params, "lam"))

@@ -18,11 +18,11 @@ from collections.abc import Mapping
 
 import torch
 
+from tintcli.checks import number, one_of
 from tintcli.errors import TintError
 from tintcli.io import StateDict
-from tintcli.merging import register
-from tintcli.merging.checks import number, one_of
 from tintcli.merging.task_vectors import add_task_vector, task_vector
+from tintcli.methods import register
 
 
 def trim_top_k(vector: Mapping[str, torch.Tensor], top_k: float) -> StateDict:

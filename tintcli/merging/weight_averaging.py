@@ -7,8 +7,8 @@ from collections.abc import Mapping
 import torch
 
 from tintcli.io import StateDict
-from tintcli.merging import register
 from tintcli.merging.task_vectors import mergeable
+from tintcli.methods import register
 
 
 @register("weight_averaging")

@@ -19,11 +19,11 @@ from rich.console import Console
 from rich.table import Table
 
 from tintcli.adaptation import pseudo_label_loss
+from tintcli.adaptation.adamerging import AdaMerging, entropy
+from tintcli.adaptation.tinting import Tinting
 from tintcli.encoders import build_encoder
 from tintcli.io import encoder_entries, write_json
-from tintcli.merging import check_parameters
-from tintcli.merging.adamerging import AdaMerging, entropy
-from tintcli.merging.tinting import Tinting
+from tintcli.methods import check_parameters
 from tintcli.recipes.common import Workbench
 from tintcli.tracking import versions
 

@@ -19,7 +19,7 @@ from tintcli.adaptation.saved import save_adapted
 from tintcli.encoders import build_encoder, resolve_device
 from tintcli.errors import Interrupted, TintError
 from tintcli.io import save_state_dict, write_json
-from tintcli.merging import adapt, check_parameters, get_method, merge
+from tintcli.methods import adapt, check_parameters, get_method, merge
 from tintcli.recipes.common import Workbench
 from tintcli.report import progress_bar, realism_text, results_table
 from tintcli.tasks import task_names

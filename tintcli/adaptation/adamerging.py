@@ -22,8 +22,8 @@ from tintcli.adaptation import (
     check_values,
 )
 from tintcli.io import EXTRA, StateDict, encoder_entries
-from tintcli.merging import register
 from tintcli.merging.ties import ties_task_vectors
+from tintcli.methods import register
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Parameter checks a method declares with ``@register(check=...)``.
+"""Parameter checks a method declares with ``@register(check=...)`` (``tintcli/methods.py``).
 
 Each helper looks at one key (only where the parameters have it) and raises a ValueError
 that names the key, its value and what it must be; ``check_parameters`` turns that into the

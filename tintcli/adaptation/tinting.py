@@ -31,7 +31,7 @@ from tintcli.adaptation import (
     pseudo_label_loss,
 )
 from tintcli.io import StateDict, encoder_entries
-from tintcli.merging import register
+from tintcli.methods import register
 
 
 def tintable_modules(encoder: nn.Module) -> list[str]:
