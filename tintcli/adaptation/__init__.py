@@ -93,22 +93,14 @@ def batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator
             yield order[i : i + batch_size]
 
 
-def check_values(params: Mapping[str, object], encoder: nn.Module | None = None) -> None:
-    """Value checks shared by the adaptive methods (each key only where the method has it)."""
-    from tintcli.adaptation.samplers import SAMPLERS
-    from tintcli.checks import number, one_of, positive, whole
+def check_common(params: Mapping[str, object]) -> None:
+    """The checks of what every adaptive run takes (AdaptationRun): lr, batch size, lambda's
+    start. Each method's own check calls this, then checks its own parameters."""
+    from tintcli.checks import number, positive, whole
 
     positive(params, "lr")
-    for key in ("steps", "epochs", "batch_size"):
-        whole(params, key)
+    whole(params, "batch_size")
     number(params, "lam_init", 0, 1, must="in [0, 1] (lambdas are clamped there)")
-    one_of(params, "granularity", ("task", "layer"))
-    one_of(params, "sampler", list(SAMPLERS))
-    if params.get("ties_top_k") is not None:
-        number(params, "ties_top_k", 0, 100, must="null or a percentage in [0, 100]")
-    if "tint" in params and not (isinstance(params["tint"], str) and params["tint"]):
-        raise ValueError(f"tint={params['tint']} must be 'head' or the name of an encoder "
-                         "module")
 
 
 def check_finite(loss: torch.Tensor, method: str, step: int, task: str) -> None:
@@ -184,5 +176,5 @@ from tintcli.adaptation.adamerging import adamerging_merge  # noqa: E402
 from tintcli.adaptation.tinting import tinting_merge  # noqa: E402
 
 __all__ = ["AdaptationContext", "AdaptationRun", "Adapted", "LambdaMerger", "SAMPLERS",
-           "batches", "check_finite", "check_values", "pseudo_label_loss", "adamerging_merge",
+           "batches", "check_finite", "check_common", "pseudo_label_loss", "adamerging_merge",
            "tinting_merge"]

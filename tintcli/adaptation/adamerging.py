@@ -18,9 +18,10 @@ from tintcli.adaptation import (
     AdaptationContext,
     AdaptationRun,
     Adapted,
+    check_common,
     check_finite,
-    check_values,
 )
+from tintcli.checks import number, one_of, whole
 from tintcli.io import EXTRA, StateDict, encoder_entries
 from tintcli.merging.ties import ties_task_vectors
 from tintcli.methods import register
@@ -76,7 +77,15 @@ class AdaMerging(AdaptationRun):
         return total
 
 
-@register("adamerging", adaptive=True, check=check_values)
+def check_adamerging(params: Mapping[str, object], encoder=None) -> None:
+    check_common(params)
+    whole(params, "steps")
+    one_of(params, "granularity", ("task", "layer"))
+    if params.get("ties_top_k") is not None:
+        number(params, "ties_top_k", 0, 100, must="null or a percentage in [0, 100]")
+
+
+@register("adamerging", adaptive=True, check=check_adamerging)
 def adamerging_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                      context: AdaptationContext, granularity: str = "layer",
                      ties_top_k: float | None = None, lam_init: float = 0.3, lr: float = 1e-3,

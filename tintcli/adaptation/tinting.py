@@ -26,10 +26,11 @@ from tintcli.adaptation import (
     AdaptationContext,
     AdaptationRun,
     Adapted,
+    check_common,
     check_finite,
-    check_values,
     pseudo_label_loss,
 )
+from tintcli.checks import one_of, whole
 from tintcli.io import StateDict, encoder_entries
 from tintcli.methods import register
 
@@ -52,9 +53,14 @@ def tinted_keys(encoder: nn.Module, module: str) -> list[str]:
 
 
 def check_tinting(params: Mapping[str, object], encoder: nn.Module | None) -> None:
-    """The shared value checks, then the tinted module against the encoder, so that a typo
-    in ``tint`` fails before the zoo or any data loads."""
-    check_values(params)
+    """The common checks, the schedule and sampler, then the tinted module against the
+    encoder, so that a typo in ``tint`` fails before the zoo or any data loads."""
+    check_common(params)
+    whole(params, "epochs")
+    one_of(params, "sampler", list(SAMPLERS))
+    if "tint" in params and not (isinstance(params["tint"], str) and params["tint"]):
+        raise ValueError(f"tint={params['tint']} must be 'head' or the name of an encoder "
+                         "module")
     if encoder is not None and params.get("tint", "head") != "head":
         tinted_keys(encoder, str(params["tint"]))
 
