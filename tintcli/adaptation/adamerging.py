@@ -48,6 +48,9 @@ class AdaMerging(AdaptationRun):
         super().__init__(context, pretrained, vectors, granularity, lam_init, batch_size)
         self.heads = {t: context.head(t) for t in self.tasks}  # frozen
         self.optimizer = torch.optim.Adam(self.merger.parameters(), lr=lr, betas=(0.9, 0.999))
+        # the encoder's merged entries (extras such as CLIP text leftovers are merged but
+        # never run, so their lambdas get no gradient)
+        self.encoder_keys = [k for k in self.merger.keys if not k.startswith(EXTRA)]
 
     def next_batches(self) -> dict[str, torch.Tensor]:
         return {t: self.images(t, self.next_index(t)) for t in self.tasks}
@@ -58,9 +61,7 @@ class AdaMerging(AdaptationRun):
         weights; one backward then carries the summed gradient through the merge to lambda."""
         images = self.next_batches() if images is None else images
         merged = self.merger()
-        # the encoder's merged entries as leaves (extras such as CLIP text leftovers are
-        # merged but never run, so their lambdas get no gradient)
-        keys = [k for k in self.merger.keys if not k.startswith(EXTRA)]
+        keys = self.encoder_keys
         leaves = {k: merged[k].detach().requires_grad_() for k in keys}
         weights = {**encoder_entries(merged), **leaves}
         total = 0.0

@@ -53,9 +53,12 @@ class Workbench:
             experts = {t: pool.expert(t, pretrained) for t in tasks}
             heads = {t: pool.head(t) for t in tasks}
         test_data = test_sets(cfg.encoder, cfg.tasks, tasks)
-        size, seed = int(cfg.tasks.image_size), int(cfg.tasks.seed)
-        digests = {t: {"test": split_entry(t, "test", cfg.tasks.test_size, size, seed).digest}
-                   for t in tasks}
+        if isinstance(pool, Zoo):  # the zoo measured its accuracies on these very splits
+            digests = pool.data_digests()
+        else:
+            size, seed = int(cfg.tasks.image_size), int(cfg.tasks.seed)
+            digests = {t: {"test": split_entry(t, "test", cfg.tasks.test_size, size,
+                                               seed).digest} for t in tasks}
         bench = cls(tasks, pool, pretrained, experts, heads, test_data, encoder.to(device),
                     device, {}, digests)
         bench.references = pool.reference_accuracies() or bench.measure_references(cfg)
