@@ -93,9 +93,38 @@ def usage() -> str:
     lines = ["usage: tint <command> [hydra overrides and flags]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_, _) in SUBCOMMANDS.items()]
     lines += ["", "Each command is a Hydra app: `tint merge --help` lists its config groups;",
+              "`tint merge +tasks=vit8` and `tint merge tasks=vit8` both pick a task set;",
               "`tint merge method=ties method.lam=0.5`, `tint merge -m method.lam=0.1,0.3`,",
               "`tint merge --cfg job` prints the composed config."]
     return "\n".join(lines)
+
+
+def default_groups(config_name: str) -> set[str]:
+    """The config groups the primary config's defaults list already picks (``tasks``, ...)."""
+    import yaml
+
+    spec = yaml.safe_load((CONF_DIR / f"{config_name}.yaml").read_text()) or {}
+    groups = set()
+    for item in spec.get("defaults") or []:
+        if isinstance(item, dict):
+            for key in item:
+                groups.add(str(key).removeprefix("override ").split("@")[0].lstrip("/"))
+    return groups
+
+
+def normalize_overrides(args: list[str], config_name: str) -> list[str]:
+    """``+tasks=vit8`` is how the papers' users type it, but Hydra refuses ``+group=`` for a
+    group the defaults list already holds ("Multiple values for tasks"). For such a group,
+    ``+group=option`` means what ``group=option`` means, so tint passes it on that way;
+    ``+group=`` for any other group, and ``+key=value``, reach Hydra unchanged."""
+    groups = default_groups(config_name)
+    out = []
+    for arg in args:
+        name = arg[1:].split("=", 1)[0] if arg.startswith("+") and "=" in arg else None
+        if name is not None and not arg.startswith("++") and name in groups:
+            arg = arg[1:]
+        out.append(arg)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (config_name, _, recipe) in SUBCOMMANDS.items():
         words = name.split()
         if argv[: len(words)] == words:
-            sys.argv = [f"tint {name}", *argv[len(words):]]
+            sys.argv = [f"tint {name}", *normalize_overrides(argv[len(words):], config_name)]
             _hydra_app(config_name, recipe)()
             return 0
     known = ", ".join(SUBCOMMANDS)

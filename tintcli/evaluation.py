@@ -1,4 +1,4 @@
-"""Top-1 accuracy of an encoder + head on each task's test split."""
+"""Top-1 accuracy of an encoder + head on each task's split."""
 
 from __future__ import annotations
 
@@ -8,39 +8,47 @@ import torch
 from torch import nn
 
 from tintcli.io import StateDict, encoder_entries
+from tintcli.runtime import Runtime
 
 
 @torch.inference_mode()
-def accuracy(encoder: nn.Module, head: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-             device: torch.device, batch_size: int = 512) -> float:
-    head = head.to(device).eval()
-    correct = 0
+def accuracy(encoder: nn.Module, head: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             runtime: Runtime) -> float:
+    """Top-1 accuracy on uint8 ``images``: batches stream in while the device computes, and
+    the correct count stays on the device (one host sync per task, not per batch)."""
+    head = head.to(runtime.device).eval()
     encoder.eval()
-    for i in range(0, len(inputs), batch_size):
-        logits = head(encoder(inputs[i : i + batch_size].to(device)))
-        correct += (logits.argmax(-1).cpu() == labels[i : i + batch_size]).sum().item()
-    return correct / max(len(labels), 1)
+    labels = labels.to(runtime.device)
+    correct = torch.zeros((), dtype=torch.long, device=runtime.device)
+    start = 0
+    for inputs in runtime.batches(images):
+        with runtime.autocast():
+            logits = head(encoder(inputs))
+        correct += (logits.argmax(-1) == labels[start: start + len(inputs)]).sum()
+        start += len(inputs)
+    return correct.item() / max(len(labels), 1)
 
 
 def evaluate_state(encoder: nn.Module, state: StateDict, heads: Mapping[str, nn.Module],
-                   test_sets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                   device: torch.device) -> dict[str, float]:
+                   data: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                   runtime: Runtime) -> dict[str, float]:
     """Load ``state`` into ``encoder`` and score it on every task with that task's head."""
-    return evaluate_tasks(encoder, lambda task: state, heads, test_sets, device)
+    return evaluate_tasks(encoder, lambda task: state, heads, data, runtime)
 
 
 def evaluate_tasks(encoder: nn.Module, state_for: Callable[[str], StateDict],
                    heads: Mapping[str, nn.Module],
-                   test_sets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
-                   device: torch.device) -> dict[str, float]:
-    """Score each task with its own encoder state (a tinted encoder differs per task)."""
+                   data: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+                   runtime: Runtime) -> dict[str, float]:
+    """Score each task with its own encoder state (a tinted encoder differs per task).
+    ``data``: task -> (uint8 images, labels)."""
     out, loaded = {}, None
-    for task in test_sets:
+    for task in data:
         state = state_for(task)
         if state is not loaded:
             encoder.load_state_dict(encoder_entries(state))
             loaded = state
-        out[task] = accuracy(encoder, heads[task], *test_sets[task], device)
+        out[task] = accuracy(encoder, heads[task], *data[task], runtime)
     return out
 
 

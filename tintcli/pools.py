@@ -53,10 +53,20 @@ class FilePool:
     load_encoder: Callable[[Path, str], StateDict]
     load_head: Callable[[Path, str], ZeroShotHead]  # (file, task) -> head
     encoder_name: str = "?"
+    available: Callable[[], list[str]] | None = None  # the pool's own task names, if listable
     _pretrained: StateDict | None = field(default=None, repr=False)
 
     def validate(self) -> None:
-        """Every task has its files (named with the path searched), before any loading."""
+        """Every task has its files (named with the path searched), before any loading; a task
+        set the pool does not cover fails naming the tasks it lacks and those it has."""
+        lacking = [t for t in self.tasks if not self.expert_files[t].exists()]
+        if lacking and self.available is not None:
+            has = sorted(self.available())
+            raise TintError(f"the task set and the {self.kind} pool do not cover the same "
+                            f"tasks: the pool has no expert for {', '.join(lacking)}\n"
+                            f"The pool has: {', '.join(has) or 'nothing'}. Pick a task set "
+                            "within it (tasks.names=[...]) or check the pool's folder names "
+                            "(pool.dirs).")
         missing = [("the pretrained encoder", self.pretrained_file)] if not \
             self.pretrained_file.exists() else []
         for task in self.tasks:
@@ -102,12 +112,21 @@ class FilePool:
 # ------------------------------------------------------------------------- the formats
 
 
-def _task_vectors(cfg: DictConfig, tasks: list[str], encoder: nn.Module) -> FilePool:
+def _checkpoint_name(tasks_cfg: DictConfig | None, task: str, kind: str) -> str:
+    """The name a release gives the task's checkpoint (conf/task/<task>.yaml: checkpoints)."""
+    if tasks_cfg is not None and task in (tasks_cfg.get("data") or {}):
+        return str((tasks_cfg.data[task].get("checkpoints") or {}).get(kind, task))
+    return task
+
+
+def _task_vectors(cfg: DictConfig, tasks: list[str], encoder: nn.Module,
+                  tasks_cfg: DictConfig | None = None) -> FilePool:
     from tintcli.checkpoints.convert import from_open_clip, text_leftovers
     from tintcli.checkpoints.pickles import load_pickled, module_state_dict
 
     root = _folder(cfg.path, "pool.path", "the task_vectors release folder")
-    dirs = {t: str((cfg.get("dirs") or {}).get(t, t)) for t in tasks}
+    dirs = {t: str((cfg.get("dirs") or {}).get(t, _checkpoint_name(tasks_cfg, t, "task_vectors")))
+            for t in tasks}
     scope = cfg.get("ties_scope", "full")
     if scope not in ("full", "vision"):
         raise TintError(f"pool.ties_scope={scope} must be full or vision")
@@ -123,24 +142,28 @@ def _task_vectors(cfg: DictConfig, tasks: list[str], encoder: nn.Module) -> File
 
     return FilePool("task_vectors", tasks, encoder, root / "zeroshot.pt",
                     {t: root / dirs[t] / "finetuned.pt" for t in tasks},
-                    {t: root / f"head_{dirs[t]}.pt" for t in tasks}, load_encoder, load_head)
+                    {t: root / f"head_{dirs[t]}.pt" for t in tasks}, load_encoder, load_head,
+                    available=lambda: [p.parent.name for p in root.glob("*/finetuned.pt")])
 
 
-def _local(cfg: DictConfig, tasks: list[str], encoder: nn.Module) -> FilePool:
+def _local(cfg: DictConfig, tasks: list[str], encoder: nn.Module,
+           tasks_cfg: DictConfig | None = None) -> FilePool:
     root = _folder(cfg.path, "pool.path", "the local pool folder")
 
     return FilePool("local", tasks, encoder, root / "pretrained.safetensors",
                     {t: root / "experts" / f"{t}.safetensors" for t in tasks},
                     {t: root / "heads" / f"{t}.safetensors" for t in tasks},
-                    lambda path, what: load_state_dict(path, what), _safetensors_head)
+                    lambda path, what: load_state_dict(path, what), _safetensors_head,
+                    available=lambda: [p.stem for p in (root / "experts").glob("*.safetensors")])
 
 
-def _hf(cfg: DictConfig, tasks: list[str], encoder: nn.Module) -> FilePool:
+def _hf(cfg: DictConfig, tasks: list[str], encoder: nn.Module,
+        tasks_cfg: DictConfig | None = None) -> FilePool:
     from tintcli.checkpoints.convert import from_hf_clip
 
     base = _hf_weights(str(cfg.base), "pool.base")
-    experts = {t: _hf_weights(str(cfg.experts).format(task=t), f"the expert for '{t}'")
-               for t in tasks}
+    experts = {t: _hf_weights(str(cfg.experts).format(task=_checkpoint_name(tasks_cfg, t, "hf")),
+                              f"the expert for '{t}'") for t in tasks}
     projection: dict[str, torch.Tensor] = {}
 
     def load_encoder(path: Path, what: str) -> StateDict:
@@ -155,12 +178,17 @@ def _hf(cfg: DictConfig, tasks: list[str], encoder: nn.Module) -> FilePool:
         head_files = {t: heads_dir / f"{t}.safetensors" for t in tasks}
         load_head = _safetensors_head
     else:  # from the base model's text tower, with each task's class names and templates
-        classnames, templates = cfg.get("classnames") or {}, cfg.get("templates") or {}
+        data = (tasks_cfg.get("data") if tasks_cfg is not None else None) or {}
+        classnames = {t: (cfg.get("classnames") or {}).get(t) or data.get(t, {}).get("classnames")
+                      for t in tasks}
+        templates = {t: (cfg.get("templates") or {}).get(t) or data.get(t, {}).get("templates")
+                     for t in tasks}
         lacking = [t for t in tasks if not classnames.get(t) or not templates.get(t)]
         if lacking:
             raise TintError(f"hf pool: no zero-shot heads for {', '.join(lacking)}: give "
                             "pool.classnames and pool.templates per task (the text tower "
-                            "embeds them), or pool.heads=<folder of <task>.safetensors>")
+                            "embeds them; a conf/task/ YAML has them), or "
+                            "pool.heads=<folder of <task>.safetensors>")
         text = _TextTower(base.parent)
         head_files = {t: base for t in tasks}  # the heads' digests are the base model's
 
@@ -244,17 +272,19 @@ def _folder(value: object, setting: str, what: str) -> Path:
     return folder
 
 
-POOLS: dict[str, Callable[[DictConfig, list[str], nn.Module], FilePool]] = {
+POOLS: dict[str, Callable[..., FilePool]] = {
     "task_vectors": _task_vectors, "local": _local, "hf": _hf}
 
 
 def open_pool(pool_cfg: DictConfig, tasks: list[str], encoder: nn.Module,
-              encoder_name: str = "?") -> FilePool:
-    """A checkpoint pool (every kind but ``synth``), its task table validated."""
+              encoder_name: str = "?", tasks_cfg: DictConfig | None = None) -> FilePool:
+    """A checkpoint pool (every kind but ``synth``), its task table validated. The task set's
+    YAMLs name each task's checkpoint in the pool's release (``checkpoints``), and give the
+    class names and templates for heads built from a text tower."""
     if pool_cfg.kind not in POOLS:
         raise TintError(f"unknown pool kind '{pool_cfg.kind}'; tint has: synth, "
                         f"{', '.join(POOLS)}")
-    pool = POOLS[pool_cfg.kind](pool_cfg, tasks, encoder)
+    pool = POOLS[pool_cfg.kind](pool_cfg, tasks, encoder, tasks_cfg)
     pool.encoder_name = encoder_name
     pool.validate()
     return pool

@@ -66,8 +66,11 @@ def realism_text(realism: dict[str, Any]) -> Text:
         mark, style = ("✓", "green") if check["ok"] else ("✗", "red")
         text.append(("  ·  " if i else "") + f"{check['what']} {mark}", style=style)
     sweep = realism["task_arithmetic_sweep"]
-    text.append("\ntask arithmetic λ sweep: " + "  ".join(
+    text.append("\ntask arithmetic λ sweep (test): " + "  ".join(
         f"{lam}:{_pct(avg)}" for lam, avg in sweep.items()), style="dim")
+    if realism.get("best_lambda_chosen_on"):
+        text.append(f"\nbest λ {realism['best_lambda']} chosen on the validation split",
+                    style="dim")
     return text
 
 

@@ -43,7 +43,9 @@ from tintcli.io import (
 )
 from tintcli.paths import cache_dir
 from tintcli.report import progress_bar
-from tintcli.tasks import GENERATOR_VERSION, available_tasks, load_split, split_entry
+from tintcli.runtime import Runtime
+from tintcli.tasks.generated import GENERATOR_VERSION, load_synthetic, synthetic_entry
+from tintcli.tasks.synthetic import SYNTH_FAMILIES
 from tintcli.training import train_classifier
 
 ZOO_FORMAT = 3
@@ -143,7 +145,7 @@ def _family_value(encoder_cfg: DictConfig, name: str, family: str) -> float:
 def _check_fractions(encoder_cfg: DictConfig) -> None:
     """Say which noise level is not a fraction before any work."""
     for name in NOISE_SETTINGS:
-        for family in available_tasks("synthetic"):
+        for family in SYNTH_FAMILIES:
             _family_value(encoder_cfg, name, family)
 
 
@@ -204,8 +206,8 @@ def _pretrain(encoder_cfg: DictConfig, folder: Path, device: torch.device,
     size = int(encoder_cfg.timm_kwargs.img_size)
     g = torch.Generator().manual_seed(zoo_cfg.seed)
     inputs, labels, offsets, offset = [], [], {}, 0
-    for family in available_tasks("synthetic"):
-        split = load_split(family, "pretrain", recipe.images_per_family, size, zoo_cfg.seed)
+    for family in SYNTH_FAMILIES:
+        split = load_synthetic(family, "pretrain", recipe.images_per_family, size, zoo_cfg.seed)
         noise = _family_value(encoder_cfg, "pretrain.caption_noise", family)
         noisy = torch.rand(len(split), generator=g) < noise
         random_labels = torch.randint(split.num_classes, (len(split),), generator=g)
@@ -231,20 +233,21 @@ def _build_task(encoder_cfg: DictConfig, tasks_cfg: DictConfig, task: str, folde
     """Score the zero-shot head, fine-tune the expert with the head frozen, score it, save."""
     recipe = encoder_cfg.zoo.finetune
     size, seed = int(tasks_cfg.image_size), int(tasks_cfg.seed)
-    train = load_split(task, "train", tasks_cfg.train_size, size, seed)
-    test = load_split(task, "test", tasks_cfg.test_size, size, seed)
-    train_x, test_x = preprocess(train.images, encoder_cfg), preprocess(test.images, encoder_cfg)
+    train = load_synthetic(task, "train", tasks_cfg.train_size, size, seed)
+    test = load_synthetic(task, "test", tasks_cfg.test_size, size, seed)
+    train_x = preprocess(train.images, encoder_cfg)
+    runtime = Runtime.create(device, encoder_cfg, "fp32")  # the zoo's references are exact
 
     encoder = build_encoder(encoder_cfg).to(device)
     encoder.load_state_dict(pretrained)
     head = head.to(device).requires_grad_(False)
-    zeroshot_acc = accuracy(encoder, head, test_x, test.labels, device)
+    zeroshot_acc = accuracy(encoder, head, test.images, test.labels, runtime)
     _train_with_bar(progress, f"fine-tuning expert {task}", recipe.steps, encoder=encoder,
                     head=head, inputs=train_x, labels=train.labels,
                     batch_size=recipe.batch_size, lr=recipe.lr,
                     weight_decay=recipe.weight_decay, layer_decay=recipe.get("layer_decay"),
                     device=device, seed=seed)
-    expert_acc = accuracy(encoder, head, test_x, test.labels, device)
+    expert_acc = accuracy(encoder, head, test.images, test.labels, runtime)
     save_state_dict(head.state_dict(), folder / "head.safetensors")
     save_state_dict(encoder.state_dict(), folder / "expert.safetensors")
     return {"zeroshot_accuracy": zeroshot_acc, "expert_accuracy": expert_acc}
@@ -306,8 +309,8 @@ def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
         size, seed = int(tasks_cfg.image_size), int(tasks_cfg.seed)
         keys, test_data = {}, {}
         for task in tasks:
-            train = split_entry(task, "train", tasks_cfg.train_size, size, seed)
-            test = split_entry(task, "test", tasks_cfg.test_size, size, seed)
+            train = synthetic_entry(task, "train", tasks_cfg.train_size, size, seed)
+            test = synthetic_entry(task, "test", tasks_cfg.test_size, size, seed)
             test_data[task] = test.digest
             keys[task] = {**task_key(encoder_cfg, tasks_cfg, task), "inputs": {
                 **inputs, "train_data": train.digest, "test_data": test.digest}}
@@ -336,15 +339,3 @@ def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
                 m["zeroshot_accuracy"], m["expert_accuracy"])
     return Zoo(encoder_cfg, root, pre.file("pretrained.safetensors"),
                inputs["pretrained"], entries, test_data)
-
-
-def test_sets(encoder_cfg: DictConfig, tasks_cfg: DictConfig,
-              tasks: list[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each task's preprocessed test inputs and labels, decoded once per run."""
-    out = {}
-    for task in tasks:
-        split = load_split(task, "test", tasks_cfg.test_size, int(tasks_cfg.image_size),
-                           int(tasks_cfg.seed))
-        out[task] = (preprocess(split.images, encoder_cfg), split.labels)
-    return out
-

@@ -23,6 +23,7 @@ from torch import nn
 
 from tintcli.errors import TintError
 from tintcli.io import StateDict, check_finite_weights, encoder_entries
+from tintcli.runtime import Runtime
 
 StepCallback = Callable[[int, int, float], None]  # (steps done, total steps, last loss)
 
@@ -33,46 +34,57 @@ class AdaptationContext:
 
     encoder: nn.Module                     # the architecture; weights come per step
     heads: Mapping[str, nn.Module]         # each task's zero-shot head (left untouched)
-    images: Mapping[str, torch.Tensor]     # preprocessed, unlabeled; kept on the CPU
-    device: torch.device
+    images: Mapping[str, torch.Tensor]     # uint8 [N, H, W, 3]: on the device where they fit
+    runtime: Runtime                       # device, precision, normalisation
     seed: int = 0
     on_step: StepCallback | None = None
+    vectors_dtype: torch.dtype = torch.float32  # how the stacked task vectors are stored
     _expert_logits: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def tasks(self) -> list[str]:
         return list(self.images)
 
-    def task_vectors(self, pretrained: StateDict,
-                     experts: Mapping[str, StateDict]) -> tuple[StateDict, list[StateDict]]:
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    def inputs(self, task: str, index: torch.Tensor) -> torch.Tensor:
+        """The encoder's inputs for rows ``index`` of the task's images, on the device."""
+        images = self.images[task]
+        return self.runtime.inputs(images[index.to(images.device)])
+
+    def task_vectors(self, pretrained: StateDict, experts: Mapping[str, StateDict]
+                     ) -> tuple[StateDict, list[Mapping[str, torch.Tensor]]]:
         """theta_0 and tau_k for each task, in the encoder's own order (input to output), so
         that layer-wise lambdas read from the patch embedding up (checkpoints sort keys by
-        name). An expert with NaN/inf weights is refused by name: it would poison every task's
-        merged weights, and the first task's loss would take the blame."""
-        from tintcli.merging.task_vectors import task_vector
+        name). tau_k is computed entry by entry when read (``LazyTaskVector``). An expert with
+        NaN/inf weights is refused by name: it would poison every task's merged weights, and
+        the first task's loss would take the blame."""
+        from tintcli.merging.task_vectors import LazyTaskVector
 
         order = [k for k in self.encoder.state_dict() if k in pretrained]
         pretrained = {**{k: pretrained[k] for k in order}, **pretrained}
         for task in self.tasks:
             check_finite_weights(experts[task], f"the expert for task '{task}'")
-        return pretrained, [task_vector(experts[t], pretrained) for t in self.tasks]
+        return pretrained, [LazyTaskVector(experts[t], pretrained) for t in self.tasks]
 
     def head(self, task: str) -> nn.Module:
         return self.heads[task].to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()  # not inference_mode: these become targets inside autograd graphs
-    def expert_logits(self, experts: Mapping[str, StateDict],
-                      batch_size: int = 512) -> dict[str, torch.Tensor]:
+    def expert_logits(self, experts: Mapping[str, StateDict]) -> dict[str, torch.Tensor]:
         """Each expert's logits on its task's adaptation images, on the device: computed on
         first use and reused for the rest of the run, by every method that needs them."""
         missing = [t for t in self.tasks if t not in self._expert_logits]
         encoder = copy.deepcopy(self.encoder).to(self.device).eval() if missing else None
         for task in missing:
             encoder.load_state_dict(encoder_entries(experts[task]))
-            head, images = self.head(task), self.images[task]
-            self._expert_logits[task] = torch.cat([
-                head(encoder(images[i : i + batch_size].to(self.device)))
-                for i in range(0, len(images), batch_size)])
+            head, out = self.head(task), []
+            for inputs in self.runtime.batches(self.images[task]):
+                with self.runtime.autocast():
+                    out.append(head(encoder(inputs)).float())
+            self._expert_logits[task] = torch.cat(out)
         return self._expert_logits
 
     def generator(self) -> torch.Generator:
@@ -151,7 +163,11 @@ class AdaptationRun:
         self.context = context
         self.tasks = context.tasks
         self.encoder = context.encoder.to(context.device).eval()
-        self.merger = LambdaMerger(pretrained, vectors, granularity, lam_init, context.device)
+        self.merger = LambdaMerger(pretrained, vectors, granularity, lam_init, context.device,
+                                   context.vectors_dtype)
+        # fp16 autocast needs loss scaling (bf16 and fp32 do not: the scaler is then a no-op)
+        self.scaler = torch.amp.GradScaler(context.device.type,
+                                           enabled=context.runtime.precision == "fp16")
         self.generator = context.generator()
         self.streams = {t: batches(len(context.images[t]), batch_size, self.generator)
                         for t in self.tasks}
@@ -161,7 +177,15 @@ class AdaptationRun:
         return next(self.streams[task])
 
     def images(self, task: str, index: torch.Tensor) -> torch.Tensor:
-        return self.context.images[task][index].to(self.context.device)
+        return self.context.inputs(task, index)
+
+    def autocast(self):
+        return self.context.runtime.autocast()
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step on gradients backpropagated from ``self.scaler.scale(loss)``."""
+        self.scaler.step(optimizer)
+        self.scaler.update()
 
     def adapted(self, heads: Mapping[str, nn.Module], tints: dict[str, StateDict],
                 loss_curve: dict[str, object], tinted: str | None = None) -> Adapted:

@@ -66,14 +66,15 @@ class AdaMerging(AdaptationRun):
         weights = {**encoder_entries(merged), **leaves}
         total = 0.0
         for task in self.tasks:
-            loss = entropy(self.heads[task](functional_call(self.encoder, weights,
-                                                            (images[task],))))
+            with self.autocast():
+                logits = self.heads[task](functional_call(self.encoder, weights, (images[task],)))
+            loss = entropy(logits)
             check_finite(loss, self.name, self.steps_done + 1, task)
-            loss.backward()
+            self.scaler.scale(loss).backward()
             total += loss.item()
         self.optimizer.zero_grad()
         torch.autograd.backward([merged[k] for k in keys], [leaves[k].grad for k in keys])
-        self.optimizer.step()
+        self.optimizer_step(self.optimizer)
         self.steps_done += 1
         return total
 

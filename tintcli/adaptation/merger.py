@@ -1,7 +1,9 @@
 """theta(lambda) = theta_0 + sum_k lambda_k tau_k, computed on the device at every step.
 
 The task vectors are stacked once, on the device, grouping the tensors of equal shape (a
-ViT's blocks repeat a dozen shapes): [tensors, tasks, numel] per group. Each step combines
+ViT's blocks repeat a dozen shapes): [tensors, tasks, numel] per group, allocated on the device
+and filled one tensor at a time (the host never holds a stacked copy), in float32 or, to halve
+the largest term of adaptation's memory, bfloat16 (``vectors_dtype``). Each step combines
 them with the current coefficients by one batched matmul per group, and the encoder runs on
 the result through ``torch.func.functional_call``. Nothing is rebuilt and nothing goes through
 the CPU, and beyond theta_0 and one merged copy, memory grows with the number of tasks only by
@@ -31,7 +33,8 @@ class LambdaMerger(nn.Module):
 
     def __init__(self, pretrained: Mapping[str, torch.Tensor],
                  vectors: Sequence[Mapping[str, torch.Tensor]], granularity: str = "layer",
-                 init: float = 0.3, device: torch.device | str = "cpu"):
+                 init: float = 0.3, device: torch.device | str = "cpu",
+                 vectors_dtype: torch.dtype = torch.float32):
         super().__init__()
         if granularity not in ("task", "layer"):
             raise TintError(f"granularity must be 'task' or 'layer', got '{granularity}'")
@@ -46,12 +49,17 @@ class LambdaMerger(nn.Module):
             by_shape.setdefault(tuple(pretrained[key].shape), []).append(i)
         # per group: (layer indices, theta_0 [n, numel], task vectors [n, tasks, numel]);
         # theta_0's merged entries live only here
-        self.groups = [
-            (rows, torch.tensor(rows, device=device),
-             torch.stack([pretrained[self.keys[i]].float().flatten() for i in rows]).to(device),
-             torch.stack([torch.stack([v[self.keys[i]].float().flatten() for v in vectors])
-                          for i in rows]).to(device))
-            for rows in by_shape.values()]
+        self.groups = []
+        for rows in by_shape.values():
+            numel = pretrained[self.keys[rows[0]]].numel()
+            base = torch.empty(len(rows), numel, device=device)
+            stacked = torch.empty(len(rows), len(vectors), numel, device=device,
+                                  dtype=vectors_dtype)
+            for j, i in enumerate(rows):
+                base[j].copy_(pretrained[self.keys[i]].flatten())
+                for k, vector in enumerate(vectors):
+                    stacked[j, k].copy_(vector[self.keys[i]].flatten())
+            self.groups.append((rows, torch.tensor(rows, device=device), base, stacked))
         rows = len(self.keys) if granularity == "layer" else 1
         self.raw = nn.Parameter(torch.full((rows, len(vectors)), float(init), device=device))
 
@@ -69,7 +77,7 @@ class LambdaMerger(nn.Module):
         merged = dict(self.fixed)
         for rows, index, base, stacked in self.groups:
             coeff = lam[index] if self.granularity == "layer" else lam.expand(len(rows), -1)
-            group = base + torch.bmm(coeff.unsqueeze(1), stacked).squeeze(1)
+            group = base + torch.bmm(coeff.unsqueeze(1).to(stacked.dtype), stacked).squeeze(1)
             for i, flat in zip(rows, group.unbind(0), strict=True):
                 shape, dtype = self.layout[self.keys[i]]
                 merged[self.keys[i]] = flat.view(shape).to(dtype)

@@ -111,15 +111,16 @@ class Tinting(AdaptationRun):
         images, expert_logits = self.next_batch(task) if batch is None else batch
         merged = self.merger()
         weights = {**encoder_entries(merged), **self._tinted(merged, task)}
-        logits = self.heads[task](functional_call(self.encoder, weights, (images,)))
-        loss, kept = pseudo_label_loss(logits, expert_logits, self.sampler)
+        with self.autocast():
+            logits = self.heads[task](functional_call(self.encoder, weights, (images,)))
+        loss, kept = pseudo_label_loss(logits.float(), expert_logits, self.sampler)
         check_finite(loss, self.name, self.steps_done + 1, task)
         self.steps_done += 1
         if kept == 0:  # nothing to learn from: Adam's momentum alone must not move anything
             return 0.0
         self.optimizer.zero_grad()
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.optimizer_step(self.optimizer)
         return loss.item()
 
     def result(self, loss_curve: list[float]) -> Adapted:

@@ -18,53 +18,76 @@ from tintcli.evaluation import evaluate_state, evaluate_tasks, summarize
 from tintcli.io import StateDict, fingerprint
 from tintcli.paths import cache_dir
 from tintcli.pools import FilePool, check_experts_beat_zero_shot, open_pool
-from tintcli.tasks import split_entry, task_names
-from tintcli.zoo import Zoo, ensure_zoo, test_sets
+from tintcli.runtime import PRECISIONS, Runtime
+from tintcli.tasks import TaskSplit, load_split, task_names
+from tintcli.zoo import Zoo, ensure_zoo
 
 
 @dataclass
 class Workbench:
-    """The pretrained encoder, the experts, the heads and the test sets of one task set,
-    from one model pool, with each task's zero-shot and expert reference accuracies."""
+    """The pretrained encoder, the experts, the heads and the test (and, on demand, validation)
+    splits of one task set, from one model pool, with each task's zero-shot and expert
+    reference accuracies, and the runtime (device, precision) every forward uses."""
 
     tasks: list[str]
     pool: Zoo | FilePool
     pretrained: StateDict
     experts: dict[str, StateDict]
     heads: dict[str, nn.Module]
-    test_data: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    splits: dict[str, dict[str, TaskSplit]]  # split -> task -> pixels; "test" always loaded
     encoder: nn.Module
-    device: torch.device
+    runtime: Runtime
     references: dict[str, tuple[float, float]]  # task -> (zero-shot, expert) accuracy
     data_digests: dict[str, dict[str, str]]
+    cfg: DictConfig | None = None
 
     @classmethod
     def load(cls, cfg: DictConfig, console: Console) -> Workbench:
         device = resolve_device(cfg.device)
+        runtime = Runtime.create(device, cfg.encoder, cfg.get("precision", "auto"),
+                                 *_eval_settings(cfg))
         tasks = task_names(cfg.tasks)
         kind = cfg.pool.kind if "pool" in cfg else "synth"
         encoder = build_encoder(cfg.encoder)
         if kind == "synth":
             pool: Zoo | FilePool = ensure_zoo(cfg.encoder, cfg.tasks, tasks, device, console)
-        else:
-            pool = open_pool(cfg.pool, tasks, encoder, cfg.encoder.name)
+        else:  # the task table is checked before any data or weights are read
+            pool = open_pool(cfg.pool, tasks, encoder, cfg.encoder.name, cfg.tasks)
+        test = {t: load_split(cfg.tasks, cfg.encoder, t, "test", console) for t in tasks}
         with console.status(f"loading the {kind} pool's checkpoints"):
             pretrained = pool.pretrained()
             experts = {t: pool.expert(t, pretrained) for t in tasks}
             heads = {t: pool.head(t) for t in tasks}
-        test_data = test_sets(cfg.encoder, cfg.tasks, tasks)
         if isinstance(pool, Zoo):  # the zoo measured its accuracies on these very splits
             digests = pool.data_digests()
         else:
-            size, seed = int(cfg.tasks.image_size), int(cfg.tasks.seed)
-            digests = {t: {"test": split_entry(t, "test", cfg.tasks.test_size, size,
-                                               seed).digest} for t in tasks}
-        bench = cls(tasks, pool, pretrained, experts, heads, test_data, encoder.to(device),
-                    device, {}, digests)
+            digests = {t: {"test": test[t].digest} for t in tasks}
+        bench = cls(tasks, pool, pretrained, experts, heads, {"test": test}, encoder.to(device),
+                    runtime, {}, digests, cfg)
         bench.references = pool.reference_accuracies() or bench.measure_references(cfg)
         if kind != "synth":
             check_experts_beat_zero_shot(bench.references, kind)
         return bench
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def test_data(self) -> dict[str, TaskSplit]:
+        return self.splits["test"]
+
+    def split(self, name: str) -> dict[str, TaskSplit]:
+        """A split of every task (validation is carved from train and cached on first use)."""
+        if name not in self.splits:
+            self.splits[name] = {t: load_split(self.cfg.tasks, self.cfg.encoder, t, name)
+                                 for t in self.tasks}
+        return self.splits[name]
+
+    def data_record(self) -> dict:
+        """Per split and task: where the pixels came from and their digest (results.json)."""
+        return {split: {t: {**d.source, "digest": d.digest} for t, d in data.items()}
+                for split, data in self.splits.items()}
 
     @property
     def zoo(self) -> Zoo:
@@ -79,13 +102,12 @@ class Workbench:
         key = {"checkpoints": self.pool.checkpoint_hashes(), "data": self.data_digests,
                "pool": OmegaConf.to_container(cfg.pool, resolve=True),  # e.g. head templates
                "encoder": OmegaConf.to_container(cfg.encoder, resolve=True),
-               "device": self.device.type, "torch": torch.__version__}
+               "device": self.device.type, "precision": self.runtime.precision,
+               "torch": torch.__version__}
 
         def measure() -> dict[str, list[float]]:
             zeroshot = self.score(self.pretrained)
-            return {t: [zeroshot[t], evaluate_state(self.encoder, self.experts[t],
-                                                    {t: self.heads[t]},
-                                                    {t: self.test_data[t]}, self.device)[t]]
+            return {t: [zeroshot[t], self.score(self.experts[t], tasks=[t])[t]]
                     for t in self.tasks}
 
         value = ensure_json(cache_dir() / "references" / fingerprint(key), key, measure,
@@ -96,20 +118,31 @@ class Workbench:
     def expert_accuracy(self) -> dict[str, float]:
         return {t: self.references[t][1] for t in self.tasks}
 
-    def score(self, state: StateDict) -> dict[str, float]:
-        """Per-task top-1 accuracy of an encoder state with each task's head."""
-        return evaluate_state(self.encoder, state, self.heads, self.test_data, self.device)
+    def _data(self, split: str, tasks: list[str] | None = None) -> dict:
+        data = self.split(split)
+        return {t: (data[t].images, data[t].labels) for t in tasks or self.tasks}
 
-    def score_adapted(self, adapted: Adapted) -> dict[str, float]:
+    def score(self, state: StateDict, split: str = "test",
+              tasks: list[str] | None = None) -> dict[str, float]:
+        """Per-task top-1 accuracy of an encoder state with each task's head."""
+        return evaluate_state(self.encoder, state, self.heads, self._data(split, tasks),
+                              self.runtime)
+
+    def score_adapted(self, adapted: Adapted, split: str = "test") -> dict[str, float]:
         """Per-task accuracy of an adapted model: its merged encoder (with the task's tint)
         and the task's own, possibly tinted, head."""
-        return evaluate_tasks(self.encoder, adapted.task_state, adapted.heads, self.test_data,
-                              self.device)
+        return evaluate_tasks(self.encoder, adapted.task_state, adapted.heads,
+                              self._data(split), self.runtime)
 
     def adaptation_context(self, seed: int) -> AdaptationContext:
-        """Test-time adaptation uses each task's unlabeled test images, as in the papers."""
-        return AdaptationContext(self.encoder, self.heads,
-                                 {t: self.test_data[t][0] for t in self.tasks}, self.device, seed)
+        """Test-time adaptation uses each task's unlabeled test images, as in the papers:
+        uint8 from the pixel cache, kept on the device when they fit there."""
+        images = {t: self.test_data[t].images for t in self.tasks}
+        if self.runtime.fits(sum(x.numel() for x in images.values())):
+            images = {t: x.to(self.device) for t, x in images.items()}
+        dtype = str(self.cfg.get("vectors_dtype", "fp32")) if self.cfg is not None else "fp32"
+        return AdaptationContext(self.encoder, self.heads, images, self.runtime, seed,
+                                 vectors_dtype=PRECISIONS[dtype])
 
     def row(self, name: str, accuracy: dict[str, float], kind: str = "merged", **extra) -> dict:
         return {"name": name, "kind": kind, **extra, **summarize(accuracy, self.expert_accuracy)}
@@ -125,4 +158,11 @@ class Workbench:
         """The built-in benchmark's realism targets; None for real checkpoint pools."""
         if not isinstance(self.pool, Zoo):
             return None
-        return realism(self.zoo, self.tasks, self.pretrained, self.experts, self.score)
+        validation = {t: d.digest for t, d in self.split("val").items()}
+        return realism(self.zoo, self.tasks, self.pretrained, self.experts,
+                       lambda state, split: self.score(state, split), validation)
+
+
+def _eval_settings(cfg: DictConfig) -> tuple[int, int]:
+    settings = cfg.get("eval") or {}
+    return int(settings.get("batch_size", 512)), int(settings.get("workers", 2))

@@ -22,7 +22,8 @@ from tintcli.io import save_state_dict, write_json
 from tintcli.methods import adapt, check_parameters, get_method, merge
 from tintcli.recipes.common import Workbench
 from tintcli.report import progress_bar, realism_text, results_table
-from tintcli.tasks import task_names
+from tintcli.runtime import resolve_precision
+from tintcli.tasks import describe, task_names
 from tintcli.tracking import (
     PARTIAL,
     RESULTS,
@@ -61,7 +62,17 @@ def check_run_config(cfg: DictConfig) -> None:
     for key in ("save_merged", "overwrite"):
         if not isinstance(cfg[key], bool):
             raise TintError(f"{key}={cfg[key]} must be true or false")
-    resolve_device(cfg.device)
+    resolve_precision(cfg.get("precision", "auto"), resolve_device(cfg.device))
+    if str(cfg.get("vectors_dtype", "fp32")) not in ("fp32", "bf16"):
+        raise TintError(f"vectors_dtype={cfg.vectors_dtype} must be fp32 or bf16")
+    for key in ("batch_size", "workers"):
+        value = (cfg.get("eval") or {}).get(key, 1)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0
+                and (value > 0 or key == "workers")):
+            raise TintError(f"eval.{key}={value} must be a whole number "
+                            f"{'>= 0' if key == 'workers' else '>= 1'}")
+    if not isinstance((cfg.get("eval") or {}).get("validation", False), bool):
+        raise TintError(f"eval.validation={cfg.eval.validation} must be true or false")
     task_names(cfg.tasks)
 
 
@@ -123,10 +134,15 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) 
         "config": OmegaConf.to_container(cfg, resolve=True),
         "seed": cfg.seed,
         "device": str(bench.device),
+        "precision": bench.runtime.precision,
         "versions": versions(),
         "pool": OmegaConf.to_container(cfg.pool, resolve=True) if "pool" in cfg else None,
         "checkpoints": bench.pool.checkpoint_hashes(),
-        "data": bench.data_digests,
+        "task_set": describe(cfg.tasks),
+        "data": bench.data_record(),
+        # every row's numbers are on test; anything chosen (a best λ) is chosen on val
+        "splits": {"scored": "test", "chosen_on": "val",
+                   "validation": OmegaConf.to_container(cfg.tasks.get("validation") or {})},
         "tasks": bench.tasks,
         "rows": bench.reference_rows(),
         "started_at": started,
@@ -135,6 +151,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) 
         _run_methods(cfg, run_dir, runs, bench, log, console)
         with console.status("checking the benchmark's realism targets"):
             log.payload["realism"] = bench.realism()  # None for real checkpoint pools
+        log.payload["data"] = bench.data_record()  # with the validation split, if it was used
     except KeyboardInterrupt as err:
         raise Interrupted(f"interrupted (Ctrl-C)\n{log.keep(title, 'interrupted')}") from err
     except TintError as err:
@@ -161,6 +178,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) 
 def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, DictConfig]],
                  bench: Workbench, log: RowLog, console: Console) -> None:
     context = None  # one per run, so the experts' outputs are computed once for all methods
+    validation = bool((cfg.get("eval") or {}).get("validation", False))
     with progress_bar(console) as progress:
         for key, label, method_cfg in runs:
             bar = progress.add_task(label, total=None, info="")
@@ -174,6 +192,8 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
                 adapted = adapt(method_cfg.name, bench.pretrained, bench.experts, context,
                                 **params)
                 accuracy = bench.score_adapted(adapted)
+                if validation:
+                    extra["validation"] = _validation(bench.score_adapted(adapted, "val"))
                 extra["adaptation"] = {
                     "loss_curve": adapted.loss_curve,
                     "lambdas": {"layers": adapted.layer_names, "tasks": adapted.tasks,
@@ -182,6 +202,8 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
             else:
                 merged = merge(method_cfg.name, bench.pretrained, bench.experts, **params)
                 accuracy = bench.score(merged)
+                if validation:
+                    extra["validation"] = _validation(bench.score(merged, "val"))
                 if cfg.save_merged:
                     save_state_dict(merged, run_dir / "merged" / f"{key}.safetensors",
                                     {"method": label})
@@ -190,3 +212,8 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
             progress.update(bar, total=progress.tasks[bar].total or 1,
                             completed=progress.tasks[bar].total or 1,
                             info=f"avg {100 * average:.1f}%")
+
+
+def _validation(accuracy: dict[str, float]) -> dict:
+    """A row's scores on the validation split: what sweeps and searches choose by."""
+    return {"accuracy": accuracy, "average": sum(accuracy.values()) / len(accuracy)}

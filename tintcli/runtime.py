@@ -1,0 +1,99 @@
+"""Where and how tensors are computed: the device, the precision, and the images' way in.
+
+Images travel as uint8 (4x less than float32 over the bus and in memory) and become the
+encoder's normalised float input on the device. On CUDA, batches are read from the
+memory-mapped pixel cache by background workers into pinned memory and copied without
+blocking, so the next batch loads while the device computes; precision ``bf16``/``fp16``
+runs the forward under autocast (AMP), ``fp32`` keeps exact float32 for comparisons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig
+
+from tintcli.errors import TintError
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(name: object, device: torch.device) -> str:
+    """``auto``: bf16 AMP on CUDA (fp16 where the GPU lacks bf16), exact fp32 on the CPU."""
+    name = str(name)
+    if name == "auto":
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if name not in PRECISIONS:
+        raise TintError(f"precision={name} is not one tint knows\n"
+                        f"Use precision=auto, {', '.join(PRECISIONS)}.")
+    return name
+
+
+class _Slices(torch.utils.data.Dataset):
+    """Batch i of a (memory-mapped) uint8 tensor, as one contiguous copy."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int):
+        self.images, self.batch_size = images, batch_size
+
+    def __len__(self) -> int:
+        return (len(self.images) + self.batch_size - 1) // self.batch_size
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i * self.batch_size: (i + 1) * self.batch_size].clone()
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The device, the precision and the normalisation every forward of a run uses."""
+
+    device: torch.device
+    precision: str = "fp32"
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    batch_size: int = 512   # evaluation batch
+    workers: int = 2        # background loaders (CUDA only; on the CPU they would compete)
+
+    @classmethod
+    def create(cls, device: torch.device, encoder_cfg: DictConfig, precision: object = "auto",
+               batch_size: int = 512, workers: int = 2) -> Runtime:
+        return cls(device, resolve_precision(precision, device),
+                   tuple(float(m) for m in encoder_cfg.mean),
+                   tuple(float(s) for s in encoder_cfg.std), int(batch_size), int(workers))
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, H, W, 3] (any device) -> the encoder's float [N, 3, H, W] on the device."""
+        images = images.to(self.device, non_blocking=True)
+        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        # NCHW contiguous, as the encoder is fastest on (a permuted view runs its conv slower)
+        x = images.permute(0, 3, 1, 2).contiguous().float().div_(255)
+        return (x - mean) / std
+
+    def batches(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The encoder's inputs, batch by batch, in order."""
+        if images.device == self.device or self.device.type != "cuda":
+            for start in range(0, len(images), self.batch_size):
+                yield self.inputs(images[start: start + self.batch_size])
+            return
+        loader = torch.utils.data.DataLoader(
+            _Slices(images, self.batch_size), batch_size=None, pin_memory=True,
+            num_workers=self.workers, prefetch_factor=4 if self.workers else None)
+        for batch in loader:
+            yield self.inputs(batch)
+
+    def fits(self, nbytes: int, share: float = 0.25) -> bool:
+        """Whether ``nbytes`` can live on the device (CUDA: within ``share`` of free memory)."""
+        if self.device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return nbytes <= share * free
