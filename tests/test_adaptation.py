@@ -1,6 +1,7 @@
 """Test-time adaptive merging (PAPER.md): the lambda merge, the samplers, AdaMerging and
 Model Tinting, checked against hand computations and on the tiny zoo."""
 
+import copy
 import math
 
 import pytest
@@ -147,7 +148,8 @@ def test_tinting_trains_heads_toward_the_experts(bench):
     def pseudo_label_ce(heads):
         with torch.no_grad():
             return sum(torch.nn.functional.cross_entropy(
-                heads[t](encoder(context.images[t])), targets[t].argmax(-1))
+                heads[t](encoder(context.runtime.inputs(context.images[t]))),
+                targets[t].argmax(-1))
                 for t in adapted.tasks).item()
 
     assert pseudo_label_ce(adapted.heads) < pseudo_label_ce(bench.heads) - 0.1
@@ -156,7 +158,8 @@ def test_tinting_trains_heads_toward_the_experts(bench):
     expert_encoder = bench.encoder
     expert_encoder.load_state_dict(bench.experts["digits"])
     with torch.no_grad():
-        direct = bench.heads["digits"](expert_encoder(context.images["digits"]))
+        direct = bench.heads["digits"](expert_encoder(
+            context.runtime.inputs(context.images["digits"])))
     assert torch.allclose(direct, targets["digits"], atol=1e-5)
 
 
@@ -203,9 +206,10 @@ def test_an_expert_with_nan_weights_is_named(bench, method):
 @pytest.mark.parametrize("method", ["adamerging", "tinting"])
 def test_a_nan_loss_stops_with_the_step_and_task(bench, method):
     context = bench.adaptation_context(seed=0)
-    images = context.images["digits"].clone()
-    images[0] = float("nan")  # one corrupt adaptation image
-    context.images = {**context.images, "digits": images}
+    head = copy.deepcopy(context.heads["digits"])
+    with torch.no_grad():
+        head.weight[0, 0] = float("nan")  # one corrupt weight: every logit of class 0 is nan
+    context.heads = {**context.heads, "digits": head}
     with pytest.raises(TintError, match=rf"^{method}: the adaptation loss is nan at step "
                                         r"[123] on task 'digits'"):
         adapt(method, bench.pretrained, bench.experts, context, batch_size=10_000, **(
@@ -312,15 +316,16 @@ def test_scoring_an_adapted_model_uses_each_tasks_tinted_head_and_entries(bench)
     scores = bench.score_adapted(adapted)
     encoder = bench.encoder
     for task in bench.tasks:
-        x, y = bench.test_data[task]
+        split = bench.test_data[task]
         encoder.load_state_dict({**state, **tints.get(task, {})})
         with torch.no_grad():
-            features = encoder(x)
+            features = encoder(bench.runtime.inputs(split.images))
         assert torch.allclose(torch.cat(heads[task].seen), features, atol=1e-5), task
-        assert scores[task] == accuracy(encoder, heads[task].head, x, y, bench.device)
+        assert scores[task] == accuracy(encoder, heads[task].head, split.images, split.labels,
+                                        bench.runtime)
     encoder.load_state_dict(state)
     with torch.no_grad():
-        untinted = encoder(bench.test_data["signs"][0])
+        untinted = encoder(bench.runtime.inputs(bench.test_data["signs"].images))
     assert not torch.allclose(torch.cat(heads["signs"].seen), untinted, atol=1e-3)
 
 

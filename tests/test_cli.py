@@ -62,8 +62,9 @@ def test_single_method_matches_the_python_api(run_tint, tmp_path, tiny_cache):
     from tintcli.encoders import build_encoder
     from tintcli.evaluation import evaluate_state
     from tintcli.merging import task_arithmetic_merge
-    from tintcli.tasks import task_names
-    from tintcli.zoo import ensure_zoo, test_sets
+    from tintcli.runtime import Runtime
+    from tintcli.tasks import load_split, task_names
+    from tintcli.zoo import ensure_zoo
 
     out = run_tint("merge", *TINY, "method=task_arithmetic", "method.lam=0.7",
                    f"hydra.run.dir={tmp_path / 'ta'}")
@@ -77,7 +78,9 @@ def test_single_method_matches_the_python_api(run_tint, tmp_path, tiny_cache):
     pre = zoo.pretrained()
     merged = task_arithmetic_merge(pre, {t: zoo.expert(t, pre) for t in tasks}, lam=0.7)
     acc = evaluate_state(build_encoder(cfg.encoder), merged, {t: zoo.head(t) for t in tasks},
-                         test_sets(cfg.encoder, cfg.tasks, tasks), torch.device("cpu"))
+                         {t: (lambda s: (s.images, s.labels))(
+                             load_split(cfg.tasks, cfg.encoder, t, "test")) for t in tasks},
+                         Runtime.create(torch.device("cpu"), cfg.encoder, "fp32"))
     assert row["accuracy"] == acc
 
 

@@ -211,7 +211,8 @@ def test_task_set_the_pool_does_not_cover_fails_naming_the_difference(run_tint, 
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
     assert lines[0] == ("error: the task set and the task_vectors pool do not cover the same "
-                        "tasks: the pool has no expert for dtd, svhn")
+                        f"tasks: no expert for dtd, svhn ({release / 'DTD' / 'finetuned.pt'} "
+                        "and 1 more does not exist)")
     assert "The pool has: EuroSAT, GTSRB, MNIST." in out.stderr
 
 

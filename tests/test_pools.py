@@ -20,7 +20,7 @@ from test_checkpoints import tiny_clip_tokenizer, tiny_hf_clip, tiny_open_clip
 from torch import nn
 
 from tintcli.encoders import preprocess
-from tintcli.tasks import load_split
+from tintcli.tasks.generated import load_synthetic
 
 pytest.importorskip("open_clip")
 transformers = pytest.importorskip("transformers")
@@ -28,6 +28,7 @@ transformers = pytest.importorskip("transformers")
 TASKS = ["signs", "digits", "textures"]
 DIRS = {"signs": "Signs", "digits": "Digits", "textures": "Textures"}  # the release's names
 CLIP_TINY = ["encoder=clip_vit_b32", "tasks=synth_tiny", "encoder.num_classes=16",
+             "encoder.image_size=32",
              "encoder.timm_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, "
              "num_heads: 2}"]
 FAST = ["method.methods.adamerging_task.steps=2", "method.methods.adamerging.steps=2",
@@ -37,7 +38,7 @@ FAST = ["method.methods.adamerging_task.steps=2", "method.methods.adamerging.ste
 
 def _test_images(task):
     cfg = compose_config(overrides=CLIP_TINY, tiny=False)
-    split = load_split(task, "test", cfg.tasks.test_size, 32, cfg.tasks.seed)
+    split = load_synthetic(task, "test", cfg.tasks.test_size, 32, cfg.tasks.seed)
     return preprocess(split.images, cfg.encoder), split.labels, split.num_classes
 
 
@@ -175,8 +176,9 @@ def test_a_missing_expert_names_the_task_and_the_path(run_tint, tmp_path, releas
     out = run_tint("merge", *CLIP_TINY, *args, f"hydra.run.dir={tmp_path / 'm'}")
     assert out.returncode == 2
     assert out.stderr.splitlines()[0] == (
-        f"error: task_vectors pool: no checkpoint for the expert for task 'digits': "
-        f"{release / 'MNIST' / 'finetuned.pt'} does not exist (and 1 more)")  # its head
+        "error: the task set and the task_vectors pool do not cover the same tasks: "
+        f"no expert for digits ({release / 'MNIST' / 'finetuned.pt'} does not exist)")
+    assert "The pool has: Digits, Signs, Textures." in out.stderr
 
 
 def test_a_swapped_task_map_is_refused(run_tint, tmp_path, release):

@@ -19,7 +19,8 @@ from conftest import TINY, compose_config
 from rich.console import Console
 
 from tintcli.errors import TintError
-from tintcli.tasks import load_split, task_names
+from tintcli.tasks import task_names
+from tintcli.tasks.generated import load_synthetic
 from tintcli.zoo import ensure_zoo, zoo_root
 
 EXE = shutil.which("tint", path=str(Path(sys.executable).parent))
@@ -217,20 +218,20 @@ def test_experts_built_from_another_pretrained_encoder_are_rebuilt(cache):
 
 
 def test_flipped_pixels_in_the_data_cache_are_caught_and_regenerated(cache):
-    first = load_split("digits", "test", 20, 32, 0)
+    first = load_synthetic("digits", "test", 20, 32, 0)
     (arrow,) = (cache / "data" / "synthetic").glob("digits-test-*/*.arrow")
     flip_bytes(arrow, at=len(arrow.read_bytes()) // 2)
-    console_text = _stderr_of(lambda: load_split("digits", "test", 20, 32, 0))
-    again = load_split("digits", "test", 20, 32, 0)
+    console_text = _stderr_of(lambda: load_synthetic("digits", "test", 20, 32, 0))
+    again = load_synthetic("digits", "test", 20, 32, 0)
     assert "does not match its recorded sha256" in console_text
     assert torch.equal(first.images, again.images)
 
 
 def test_a_truncated_arrow_file_is_rebuilt_not_a_crash(cache):
-    first = load_split("digits", "test", 20, 32, 0)
+    first = load_synthetic("digits", "test", 20, 32, 0)
     (arrow,) = (cache / "data" / "synthetic").glob("digits-test-*/*.arrow")
     arrow.write_bytes(arrow.read_bytes()[:100])
-    again = load_split("digits", "test", 20, 32, 0)
+    again = load_synthetic("digits", "test", 20, 32, 0)
     assert torch.equal(first.images, again.images)
 
 

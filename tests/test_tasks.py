@@ -5,7 +5,8 @@ import torch
 from omegaconf import OmegaConf
 
 from tintcli.errors import TintError
-from tintcli.tasks import load_split, task_names
+from tintcli.tasks import task_names
+from tintcli.tasks.generated import load_synthetic
 from tintcli.tasks.synthetic import SYNTH_FAMILIES, generate
 
 
@@ -23,13 +24,13 @@ def test_generation_is_seeded_balanced_and_varied(family):
 
 def test_splits_are_cached_on_disk_and_reloaded(tmp_path, monkeypatch):
     monkeypatch.setenv("TINT_CACHE", str(tmp_path))
-    first = load_split("digits", "test", 20, 32, 0)
+    first = load_synthetic("digits", "test", 20, 32, 0)
     stored = [p for p in (tmp_path / "data" / "synthetic").iterdir() if p.is_dir()]
     assert len(stored) == 1 and (stored[0] / "dataset_info.json").exists()
     assert not list(stored[0].parent.glob("*.tmp"))  # no temporary folder left behind
-    second = load_split("digits", "test", 20, 32, 0)
+    second = load_synthetic("digits", "test", 20, 32, 0)
     assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
-    assert not torch.equal(first.images, load_split("digits", "train", 20, 32, 0).images)
+    assert not torch.equal(first.images, load_synthetic("digits", "train", 20, 32, 0).images)
 
 
 def test_unknown_task_is_named_with_the_alternatives():

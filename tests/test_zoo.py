@@ -36,17 +36,20 @@ def test_each_expert_beats_zero_shot_on_its_own_task_measured_from_its_files(tin
     reference accuracies are those of these files, and fine-tuning helped every task."""
     from tintcli.encoders import build_encoder
     from tintcli.evaluation import accuracy
-    from tintcli.zoo import test_sets
+    from tintcli.runtime import Runtime
+    from tintcli.tasks import load_split
 
     cfg, zoo = _zoo()
     pretrained, encoder = zoo.pretrained(), build_encoder(cfg.encoder)
-    tests = test_sets(cfg.encoder, cfg.tasks, zoo.tasks)
+    runtime = Runtime.create(torch.device("cpu"), cfg.encoder, "fp32")
+    tests = {t: (lambda s: (s.images, s.labels))(load_split(cfg.tasks, cfg.encoder, t, "test"))
+             for t in zoo.tasks}
     for task in zoo.tasks:
         head, entry = zoo.head(task), zoo.entries[task]
         encoder.load_state_dict(pretrained)
-        zeroshot = accuracy(encoder, head, *tests[task], torch.device("cpu"))
+        zeroshot = accuracy(encoder, head, *tests[task], runtime)
         encoder.load_state_dict(zoo.expert(task, pretrained))
-        expert = accuracy(encoder, head, *tests[task], torch.device("cpu"))
+        expert = accuracy(encoder, head, *tests[task], runtime)
         assert (zeroshot, expert) == (entry.zeroshot_accuracy, entry.expert_accuracy), task
         assert expert > zeroshot, task
 

@@ -62,8 +62,10 @@ class FilePool:
         lacking = [t for t in self.tasks if not self.expert_files[t].exists()]
         if lacking and self.available is not None:
             has = sorted(self.available())
+            more = f" and {len(lacking) - 1} more" if len(lacking) > 1 else ""
             raise TintError(f"the task set and the {self.kind} pool do not cover the same "
-                            f"tasks: the pool has no expert for {', '.join(lacking)}\n"
+                            f"tasks: no expert for {', '.join(lacking)} "
+                            f"({self.expert_files[lacking[0]]}{more} does not exist)\n"
                             f"The pool has: {', '.join(has) or 'nothing'}. Pick a task set "
                             "within it (tasks.names=[...]) or check the pool's folder names "
                             "(pool.dirs).")

@@ -19,7 +19,7 @@ from tintcli.io import StateDict, fingerprint
 from tintcli.paths import cache_dir
 from tintcli.pools import FilePool, check_experts_beat_zero_shot, open_pool
 from tintcli.runtime import PRECISIONS, Runtime
-from tintcli.tasks import TaskSplit, load_split, task_names
+from tintcli.tasks import TaskSplit, check_image_size, load_split, task_names
 from tintcli.zoo import Zoo, ensure_zoo
 
 
@@ -49,6 +49,7 @@ class Workbench:
         tasks = task_names(cfg.tasks)
         kind = cfg.pool.kind if "pool" in cfg else "synth"
         encoder = build_encoder(cfg.encoder)
+        check_image_size(encoder, cfg.tasks, cfg.encoder)
         if kind == "synth":
             pool: Zoo | FilePool = ensure_zoo(cfg.encoder, cfg.tasks, tasks, device, console)
         else:  # the task table is checked before any data or weights are read

@@ -23,7 +23,7 @@ from tintcli.methods import adapt, check_parameters, get_method, merge
 from tintcli.recipes.common import Workbench
 from tintcli.report import progress_bar, realism_text, results_table
 from tintcli.runtime import resolve_precision
-from tintcli.tasks import describe, task_names
+from tintcli.tasks import check_image_size, describe, task_names
 from tintcli.tracking import (
     PARTIAL,
     RESULTS,
@@ -122,6 +122,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) 
     check_run_config(cfg)
     runs = method_runs(cfg.method)
     architecture = build_encoder(cfg.encoder)  # no weights: what tint= may name, say
+    check_image_size(architecture, cfg.tasks, cfg.encoder)
     for _, _, method_cfg in runs:
         check_parameters(method_cfg.name, _params(method_cfg), architecture)
     claim_run_dir(run_dir, cfg.overwrite, console)

@@ -94,6 +94,19 @@ def transform(tasks_cfg: DictConfig, encoder_cfg: DictConfig) -> Transform:
                      str(encoder_cfg.get("crop", "center")))
 
 
+def check_image_size(encoder: torch.nn.Module, tasks_cfg: DictConfig,
+                     encoder_cfg: DictConfig) -> None:
+    """The pixels' size must be the size the encoder was built for: say so before any work."""
+    built = getattr(getattr(encoder, "patch_embed", None), "img_size", None)
+    size = transform(tasks_cfg, encoder_cfg).size
+    if built is not None and tuple(built) != (size, size):
+        raise TintError(f"the images are {size}x{size} (encoder.image_size="
+                        f"{encoder_cfg.get('image_size')}) but the encoder "
+                        f"'{encoder_cfg.name}' takes {built[0]}x{built[1]}\nSet encoder.image_size="
+                        f"{built[0]}, or build the encoder for {size} "
+                        f"(encoder.timm_kwargs.img_size={size}).")
+
+
 def load_split(tasks_cfg: DictConfig, encoder_cfg: DictConfig, task: str, split: str,
                console: Console | None = None) -> TaskSplit:
     """One task's split as cached pixels (built on first use, checked on every use)."""
