@@ -349,3 +349,33 @@ def test_a_saved_adapted_model_loads_back_with_the_same_accuracies(bench, tmp_pa
         assert loaded.tints.keys() == adapted.tints.keys()
         for task, entries in adapted.tints.items():
             assert all(torch.equal(loaded.tints[task][k], v) for k, v in entries.items())
+
+
+@pytest.mark.parametrize("method", ["adamerging", "tinting"])
+def test_steps_run_under_the_runs_precision(bench, method):
+    """precision=bf16 (AMP) reaches the adaptation forward: its matmuls run in bf16."""
+    import dataclasses
+
+    context = bench.adaptation_context(seed=0)
+    context.runtime = dataclasses.replace(context.runtime, precision="bf16")
+    seen = []
+    handle = context.encoder.blocks[0].mlp.fc1.register_forward_hook(
+        lambda m, i, out: seen.append(out.dtype))
+    try:
+        adapt(method, bench.pretrained, bench.experts, context, batch_size=8,
+              **({"steps": 1} if method == "adamerging" else {"epochs": 1}))
+    finally:
+        handle.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+
+
+def test_task_vectors_stored_in_bf16_merge_as_in_fp32(bench):
+    context = bench.adaptation_context(seed=0)
+    pretrained, vectors = context.task_vectors(bench.pretrained, bench.experts)
+    exact = LambdaMerger(pretrained, vectors, "layer", 0.3)
+    half = LambdaMerger(pretrained, vectors, "layer", 0.3, vectors_dtype=torch.bfloat16)
+    assert {g[3].dtype for g in half.groups} == {torch.bfloat16}
+    merged, approx = exact(), half()
+    for key in exact.keys:
+        scale = merged[key].abs().max().item() + 1e-6
+        assert (merged[key] - approx[key]).abs().max().item() <= 1e-2 * scale, key

@@ -17,3 +17,87 @@ def test_an_expert_at_zero_accuracy_has_no_normalized_accuracy():
     assert out["normalized"]["a"] is None
     assert out["normalized_average"] == pytest.approx(0.5)
     assert summarize({"a": 0.0}, {"a": 0.0})["normalized_average"] is None
+
+
+def test_the_device_side_inputs_are_what_the_experts_were_trained_on():
+    """Evaluation normalises uint8 pixels on the device (Runtime.inputs); the zoo trained its
+    experts on encoders.preprocess. They must be the same numbers, or every score drifts."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from tintcli.encoders import preprocess
+    from tintcli.runtime import Runtime
+
+    cfg = OmegaConf.create({"mean": [0.48145466, 0.4578275, 0.40821073],
+                            "std": [0.26862954, 0.26130258, 0.27577711]})
+    pixels = torch.randint(0, 256, (5, 7, 7, 3), dtype=torch.uint8)
+    runtime = Runtime.create(torch.device("cpu"), cfg, "fp32")
+    assert torch.equal(runtime.inputs(pixels), preprocess(pixels, cfg))
+    assert runtime.inputs(pixels).is_contiguous()
+
+
+def test_accuracy_counts_every_batch_and_the_last_partial_one():
+    """Labels are matched batch for batch (batch 4 over 10 images: 4 + 4 + 2)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from tintcli.evaluation import accuracy
+    from tintcli.runtime import Runtime
+
+    cfg = OmegaConf.create({"mean": [0.0] * 3, "std": [1.0] * 3})
+    runtime = Runtime.create(torch.device("cpu"), cfg, "fp32", batch_size=4)
+    pixels = torch.zeros(10, 2, 2, 3, dtype=torch.uint8)
+    pixels[:, 0, 0, 0] = torch.arange(10, dtype=torch.uint8) * 20  # the class is in one pixel
+
+    class Reader(torch.nn.Module):  # predicts class 1 when the pixel is bright, else 0
+        def forward(self, x):
+            bright = (x[:, 0, 0, 0] > 0.5).float()
+            return torch.stack([1 - bright, bright], dim=-1)
+
+    labels = (torch.arange(10) * 20 > 127).long()
+    assert accuracy(Reader(), torch.nn.Identity(), pixels, labels, runtime) == 1.0
+    labels[-1] = 0  # one wrong label in the partial last batch
+    assert accuracy(Reader(), torch.nn.Identity(), pixels, labels, runtime) == 0.9
+
+
+@pytest.mark.parametrize(("name", "dtype"), [("bf16", "bfloat16"), ("fp32", "float32")])
+def test_precision_decides_the_forwards_dtype(name, dtype):
+    import torch
+    from omegaconf import OmegaConf
+
+    from tintcli.runtime import Runtime, resolve_precision
+
+    runtime = Runtime.create(torch.device("cpu"), OmegaConf.create({"mean": [0] * 3,
+                                                                    "std": [1] * 3}), name)
+    with runtime.autocast():
+        out = torch.nn.Linear(4, 2)(torch.ones(3, 4))
+    assert out.dtype == getattr(torch, dtype)
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"  # exact on the CPU
+    with pytest.raises(Exception, match="precision=fp8 is not one tint knows"):
+        resolve_precision("fp8", torch.device("cpu"))
+
+
+def test_memory_model_counts_the_real_encoders_and_activations():
+    """Task vectors: tasks x the encoder's parameters (ViT-B/32: 87,849,216) x bytes; the
+    activations counted on the meta device bound those of a real forward from above, closely
+    (meta runs attention unfused, which keeps the attention matrix)."""
+    import torch
+    from conftest import compose_config
+
+    from tintcli.encoders import build_encoder
+    from tintcli.memory import activation_bytes, adaptation_memory
+
+    b32 = compose_config(overrides=["encoder=clip_vit_b32"], tiny=False).encoder
+    model = adaptation_memory(b32, tasks=8, batch_size=32, vectors_dtype="bf16")
+    assert model.terms["task vectors (8 x bf16)"] == 8 * 87_849_216 * 2
+    assert model.terms["theta_0 (fp32)"] == 87_849_216 * 4
+
+    tiny = compose_config().encoder
+    encoder = build_encoder(tiny)
+    saved = {}
+    with torch.autograd.graph.saved_tensors_hooks(
+            lambda t: saved.setdefault(id(t), t) if not isinstance(t, torch.nn.Parameter)
+            else t, lambda t: t):
+        encoder(torch.randn(3, 3, 32, 32, requires_grad=True))
+    real = sum(t.numel() * t.element_size() for t in saved.values())
+    assert real <= activation_bytes(tiny, 3) <= 1.1 * real

@@ -9,13 +9,20 @@ import json
 import os
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import compose_config
 from test_checkpoints import tiny_open_clip
-from test_pools import ClassificationHead, ImageEncoder, _class_mean_head, _perturbed
+from test_pools import (
+    ClassificationHead,
+    ImageEncoder,
+    _class_mean_head,
+    _perturbed,
+    make_hf_pool,
+)
 
 from tintcli.runtime import Runtime
 from tintcli.tasks import load_split
@@ -232,3 +239,59 @@ def test_only_groups_already_in_the_defaults_lose_their_plus():
                                 "+foo.bar=1", "++tasks.seed=3", "seed=1"], "merge") == \
         ["tasks=vit8", "encoder=clip_vit_b32", "+experiment=synth8_table", "+foo.bar=1",
          "++tasks.seed=3", "seed=1"]
+
+
+def test_two_runs_starting_at_once_build_a_split_once(data_root, hub_env, tmp_path):
+    """Both get the one entry the first built (the second waits on the lock and reuses it)."""
+    import subprocess
+
+    script = (  # counts the cache entries this process builds itself
+        "import sys\n"
+        "import tintcli.cache as cache\n"
+        "from conftest import compose_config\n"
+        "from tintcli.tasks import load_split\n"
+        "build = cache._build_into\n"
+        "cache._build_into = lambda *a: print('BUILT', flush=True) or build(*a)\n"
+        "cfg = compose_config(overrides=sys.argv[1:], tiny=False)\n"
+        "print(load_split(cfg.tasks, cfg.encoder, 'eurosat', 'test').digest)\n")
+    env = {**os.environ, "TINT_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": str(Path(__file__).parent)}
+    args = [*CLIP_TINY, *_vit8(data_root, plus=False)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, *args], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    entries = [p for p in (tmp_path / "cache" / "pixels").iterdir() if p.is_dir()]
+    assert len(entries) == 1 and entries[0].name.startswith("eurosat-test-")
+    assert not list((tmp_path / "cache" / "pixels").glob(".*.tmp"))
+    assert sum(out.count("BUILT") for out, _ in outs) == 1
+    assert outs[0][0].splitlines()[-1] == outs[1][0].splitlines()[-1]  # the same pixels
+
+
+def test_hf_pool_takes_checkpoint_names_and_head_prompts_from_the_task_yamls(tiny_cache,
+                                                                            tmp_path):
+    """FusionBench names Stanford Cars' expert `..._stanford-cars`; its head is the base
+    model's text tower over conf/task/stanford_cars.yaml's class names and templates."""
+    import transformers
+
+    from tintcli.encoders import build_encoder
+    from tintcli.heads import text_tower_head
+    from tintcli.pools import open_pool
+
+    hf_pool = make_hf_pool(tmp_path / "hf")
+    for task, twin in (("stanford-cars", "signs"), ("mnist", "digits")):
+        (tmp_path / f"clip_{task}").symlink_to(hf_pool / f"clip_{twin}")
+    cfg = compose_config(overrides=[*CLIP_TINY, "tasks=vit8", "tasks.names=[stanford_cars,mnist]",
+                                    "pool=hf", f"pool.base={hf_pool / 'base'}",
+                                    f"pool.experts='{tmp_path}/clip_{{task}}'"], tiny=False)
+    pool = open_pool(cfg.pool, ["stanford_cars", "mnist"], build_encoder(cfg.encoder), "clip",
+                     cfg.tasks)
+    assert pool.expert_files["stanford_cars"].parent == tmp_path / "clip_stanford-cars"
+    model = transformers.CLIPModel.from_pretrained(hf_pool / "base").eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_pool / "base")
+    for task in ("mnist",):  # (Cars' prompts are longer than the tiny text tower's context)
+        spec = cfg.tasks.data[task]
+        expected = text_tower_head(model, tokenizer, list(spec.classnames), list(spec.templates))
+        head = pool.head(task)
+        assert head.weight.shape[0] == len(spec.classnames)
+        assert torch.allclose(head.weight, expected.weight, atol=1e-6)

@@ -101,10 +101,13 @@ def release(tmp_path_factory, tiny_cache):
 
 @pytest.fixture(scope="module")
 def hf_pool(tmp_path_factory, tiny_cache):
+    return make_hf_pool(tmp_path_factory.mktemp("hf"))
+
+
+def make_hf_pool(root):
     """A tiny FusionBench-style pool: base CLIPModel + CLIPVisionModel experts (folders)."""
     from safetensors.torch import save_file
 
-    root = tmp_path_factory.mktemp("hf")
     base = tiny_hf_clip()
     base.save_pretrained(root / "base")
     tiny_clip_tokenizer(root / "tokenizer").save_pretrained(root / "base")

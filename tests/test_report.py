@@ -41,3 +41,25 @@ def test_over_seeds_gives_mean_and_sample_std_per_method():
     assert row["average"]["mean"] == pytest.approx(0.6)
     assert row["average"]["std"] == pytest.approx(0.1)  # sample std (n - 1), not 0.0816
     assert row["accuracy"]["a"]["std"] == pytest.approx(0.1)
+
+
+def test_a_sweep_marks_its_best_by_validation_never_by_test():
+    from tintcli.report import sweep_table
+
+    def job(lam, test, val):
+        row = {"name": f"task_arithmetic λ={lam}", "kind": "merged", "average": test,
+               "normalized_average": test}
+        if val is not None:
+            row["validation"] = {"average": val}
+        return {"overrides": [f"method.lam={lam}"], "rows": [row]}
+
+    def marked(jobs):
+        console = Console(width=200, record=True)
+        console.print(sweep_table(jobs))
+        return [line for line in console.export_text().splitlines()
+                if "★" in line and "task_arithmetic" in line]
+
+    # λ 0.5 is best on test (80.0) but 0.3 is best on validation (75.0): 0.3 is marked
+    (line,) = marked([job(0.3, 0.70, 0.75), job(0.5, 0.80, 0.60)])
+    assert "λ=0.3" in line and "75.0 ★" in line
+    assert marked([job(0.3, 0.70, None), job(0.5, 0.80, None)]) == []  # no validation: none

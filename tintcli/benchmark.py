@@ -24,13 +24,14 @@ Score = Callable[[StateDict, str], Mapping[str, float]]  # (state, split) -> tas
 
 def realism(zoo: Zoo, tasks: list[str], pretrained: StateDict,
             experts: Mapping[str, StateDict], score: Score,
-            validation_digests: Mapping[str, str]) -> dict:
+            validation_digests: Mapping[str, str], measured_on: Mapping[str, str]) -> dict:
     """Zero-shot, experts and a 0.1-step task-arithmetic sweep against the targets, the best
     lambda chosen on validation (never on test); cached (``tintcli/cache.py``) by the digests
-    of every checkpoint and split it measures."""
+    of every checkpoint and split it measures and where it measures them (``measured_on``:
+    device type, precision, torch)."""
     key = {"version": REALISM_VERSION, "sweep": SWEEP, "tasks": tasks,
            "checkpoints": zoo.checkpoint_hashes(), "test_data": zoo.data_digests(),
-           "validation_data": dict(validation_digests),
+           "validation_data": dict(validation_digests), "measured_on": dict(measured_on),
            "accuracies": {t: [zoo.entries[t].zeroshot_accuracy, zoo.entries[t].expert_accuracy]
                           for t in tasks}}
     return ensure_json(zoo.root / "realism" / fingerprint(key), key,

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 from rich.console import Console
 
 from tintcli.errors import TintError
@@ -99,7 +99,12 @@ def ensure(path: Path, key: Any, build: Callable[[Path], dict | None], what: str
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(path.parent / f".{path.name}.lock"))
-        lock.acquire()
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:  # another process is building it: wait, then use what it built
+            console.print(f"waiting for another tint process that is building {what} ({path})",
+                          soft_wrap=True)
+            lock.acquire()
     except OSError as err:  # a read-only cache, a full disk: build it, use it, keep nothing
         console.print(f"[yellow]warning:[/] cannot store {what} in {path.parent} "
                       f"({err.strerror or err}); building it for this run only", soft_wrap=True)

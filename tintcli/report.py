@@ -75,20 +75,28 @@ def realism_text(realism: dict[str, Any]) -> Text:
 
 
 def sweep_table(jobs: list[dict[str, Any]]) -> Table:
-    """Every multirun job's merged rows side by side, the best average marked."""
-    table = Table(title="sweep summary", title_justify="left")
+    """Every multirun job's merged rows side by side; the best is marked by its validation
+    average (rows scored with eval.validation=true), never by test."""
+    merged = [[r for r in job["rows"] if r["kind"] == "merged"] for job in jobs]
+    scored = [r["validation"]["average"] for rows in merged for r in rows if r.get("validation")]
+    best = max(scored) if scored else None
+    caption = ("★ = best validation average; avg and norm are on test" if scored else
+               "no row was scored on validation (eval.validation=true), so none is marked best")
+    table = Table(title="sweep summary", title_justify="left", caption=caption)
     table.add_column("job", justify="right")
     table.add_column("overrides")
     table.add_column("method")
+    if scored:
+        table.add_column("val", justify="right")
     table.add_column("avg", justify="right", style="bold")
     table.add_column("norm", justify="right")
-    merged = [[r for r in job["rows"] if r["kind"] == "merged"] for job in jobs]
-    best = max(r["average"] for rows in merged for r in rows)
     for num, (job, rows) in enumerate(zip(jobs, merged, strict=True)):
         for row in rows:
-            mark = " ★" if row["average"] == best else ""
-            table.add_row(str(num), " ".join(job["overrides"]) or "-", row["name"],
-                          _pct(row["average"]) + mark, _pct(row["normalized_average"]))
+            val = (row.get("validation") or {}).get("average")
+            mark = " ★" if best is not None and val == best else ""
+            cells = [_pct(val) + mark] if scored else []
+            table.add_row(str(num), " ".join(job["overrides"]) or "-", row["name"], *cells,
+                          _pct(row["average"]), _pct(row["normalized_average"]))
     return table
 
 

@@ -302,10 +302,12 @@ def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
             announce(f"pretrained encoder + {len(tasks)} expert(s)")
             return _pretrain(encoder_cfg, folder, device, progress)
 
-        pre = cache.ensure(root / "pretrained", pretrain_key(encoder_cfg), build_pretrained,
-                           f"the {name} pretrained encoder", console)
+        # training on another device type or torch gives other weights: part of every key
+        built_on = {"device": device.type, "torch": torch.__version__}
+        pre = cache.ensure(root / "pretrained", {**pretrain_key(encoder_cfg), "built_on": built_on},
+                           build_pretrained, f"the {name} pretrained encoder", console)
         inputs = {"pretrained": pre.sha256("pretrained.safetensors"),
-                  "captions": pre.sha256("captions.safetensors")}
+                  "captions": pre.sha256("captions.safetensors"), "built_on": built_on}
         size, seed = int(tasks_cfg.image_size), int(tasks_cfg.seed)
         keys, test_data = {}, {}
         for task in tasks:

@@ -161,7 +161,9 @@ class Workbench:
             return None
         validation = {t: d.digest for t, d in self.split("val").items()}
         return realism(self.zoo, self.tasks, self.pretrained, self.experts,
-                       lambda state, split: self.score(state, split), validation)
+                       lambda state, split: self.score(state, split), validation,
+                       {"device": self.device.type, "precision": self.runtime.precision,
+                        "torch": torch.__version__})
 
 
 def _eval_settings(cfg: DictConfig) -> tuple[int, int]:
