@@ -184,3 +184,22 @@ def test_an_encoder_timm_cannot_build_is_refused_before_any_work(tiny_cache):
         "cannot build encoder 'synth_vit_tiny' with timm model 'vit_tiny_patch16_224': "
         "dim should be divisible by num_heads")
     assert not zoo_root(cfg.encoder).exists()
+
+
+def test_realism_chooses_lambda_on_validation_and_reports_its_test_accuracy():
+    """One task vector of ones: the merged weight is lambda itself. Validation peaks at 0.3,
+    test at 0.7: the verdict takes 0.3 and reports test's figure there, not test's best."""
+    from types import SimpleNamespace
+
+    from tintcli.benchmark import _measure
+
+    def score(state, split):
+        lam = round(float(state["w"]), 1)
+        peak = 0.3 if split == "val" else 0.7
+        return {"a": 0.8 - abs(lam - peak)}
+
+    zoo = SimpleNamespace(entries={"a": SimpleNamespace(zeroshot_accuracy=0.3,
+                                                        expert_accuracy=0.99)})
+    verdict = _measure(zoo, ["a"], {"w": torch.zeros(())}, {"a": {"w": torch.ones(())}}, score)
+    assert verdict["best_lambda"] == "0.3" and verdict["best_lambda_chosen_on"] == "val"
+    assert "(0.3) 40.0" in verdict["checks"][3]["what"]  # test at 0.3: 0.8 - 0.4

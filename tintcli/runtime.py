@@ -81,7 +81,7 @@ class Runtime:
 
     def batches(self, images: torch.Tensor) -> Iterator[torch.Tensor]:
         """The encoder's inputs, batch by batch, in order."""
-        if images.device == self.device or self.device.type != "cuda":
+        if images.device.type != "cpu" or self.device.type != "cuda":  # already there / no bus
             for start in range(0, len(images), self.batch_size):
                 yield self.inputs(images[start: start + self.batch_size])
             return

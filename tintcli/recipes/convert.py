@@ -25,7 +25,7 @@ def convert(cfg: DictConfig, console: Console) -> Path:
     tasks = [str(n) for n in cfg.names] if cfg.get("names") else task_names(cfg.tasks)
     if not tasks or len(set(tasks)) != len(tasks):
         raise TintError(f"names={tasks} must list each of the pool's tasks once")
-    pool = open_pool(cfg.pool, tasks, build_encoder(cfg.encoder), cfg.encoder.name)
+    pool = open_pool(cfg.pool, tasks, build_encoder(cfg.encoder), cfg.encoder.name, cfg.tasks)
     hashes = pool.checkpoint_hashes()
     with console.status("converting the pretrained encoder"):
         pretrained = pool.pretrained()

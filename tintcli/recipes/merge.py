@@ -74,6 +74,12 @@ def check_run_config(cfg: DictConfig) -> None:
     if not isinstance((cfg.get("eval") or {}).get("validation", False), bool):
         raise TintError(f"eval.validation={cfg.eval.validation} must be true or false")
     task_names(cfg.tasks)
+    if cfg.tasks.source == "hub" and cfg.pool.kind == "synth":
+        raise TintError(f"tasks={cfg.tasks.name} holds real datasets, but pool=synth has only "
+                        "tint's own synthetic experts\nPick a pool of real checkpoints with its "
+                        "encoder: encoder=clip_vit_b32 pool=hf (FusionBench's, from the hub), "
+                        "pool=task_vectors pool.path=<release folder>, or pool=local "
+                        "pool.path=<folder>.")
 
 
 class RowLog:

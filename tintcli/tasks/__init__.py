@@ -90,6 +90,9 @@ def transform(tasks_cfg: DictConfig, encoder_cfg: DictConfig) -> Transform:
     """The encoder's evaluation transform (CLIP: bicubic short side to 224, centre crop);
     tint's generated tasks are drawn at the encoder's size already."""
     size = encoder_cfg.get("image_size") or tasks_cfg.get("image_size")
+    if not size:
+        raise TintError(f"encoder '{encoder_cfg.name}' sets no image_size for the task set "
+                        f"'{tasks_cfg.name}'\nSet encoder.image_size (CLIP encoders: 224).")
     return Transform(int(size), str(encoder_cfg.get("interpolation", "bicubic")),
                      str(encoder_cfg.get("crop", "center")))
 
