@@ -4,25 +4,16 @@ through the real vit8 task YAMLs, end to end through `tint merge +tasks=vit8` ov
 task_vectors release whose folders carry the release's own names (MNIST, GTSRB, EuroSAT).
 """
 
-import copy
 import json
 import os
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import compose_config
-from test_checkpoints import tiny_open_clip
-from test_pools import (
-    ClassificationHead,
-    ImageEncoder,
-    _class_mean_head,
-    _perturbed,
-    make_hf_pool,
-)
+from test_pools import make_hf_pool, make_release
 
 from tintcli.runtime import Runtime
 from tintcli.tasks import load_split
@@ -97,29 +88,12 @@ def release(tmp_path_factory, data_root):
     the class means of each expert's features on the task's cached test pixels."""
     cfg = compose_config(overrides=[*CLIP_TINY, *_vit8(data_root, plus=False)], tiny=False)
     runtime = Runtime.create(torch.device("cpu"), cfg.encoder, "fp32")
-    root = tmp_path_factory.mktemp("release")
-    src, modeling = types.ModuleType("src"), types.ModuleType("src.modeling")
-    for cls in (ImageEncoder, ClassificationHead):
-        cls.__module__, cls.__qualname__ = "src.modeling", cls.__name__
-        setattr(modeling, cls.__name__, cls)
-    src.modeling = modeling
-    sys.modules.update({"src": src, "src.modeling": modeling})
-    try:
-        base = tiny_open_clip()
-        torch.save(ImageEncoder(copy.deepcopy(base)), root / "zeroshot.pt")
-        for i, task in enumerate(TASKS):
-            expert = ImageEncoder(_perturbed(base, seed=i))
-            (root / RELEASE[task]).mkdir()
-            torch.save(expert, root / RELEASE[task] / "finetuned.pt")
-            test = load_split(cfg.tasks, cfg.encoder, task, "test")
-            with torch.no_grad():
-                weights = _class_mean_head(expert(runtime.inputs(test.images)), test.labels,
-                                           test.num_classes)
-            weights = torch.nan_to_num(weights)  # classes the tiny split lacks: logit 0
-            torch.save(ClassificationHead(weights), root / f"head_{RELEASE[task]}.pt")
-    finally:
-        del sys.modules["src.modeling"], sys.modules["src"]
-    return root
+
+    def test_images(task):
+        test = load_split(cfg.tasks, cfg.encoder, task, "test")
+        return runtime.inputs(test.images), test.labels, test.num_classes
+
+    return make_release(tmp_path_factory.mktemp("release"), RELEASE, test_images)
 
 
 def _pixel_entries(cache):

@@ -75,8 +75,13 @@ class ClassificationHead(nn.Linear):
 
 @pytest.fixture(scope="module")
 def release(tmp_path_factory, tiny_cache):
-    """A tiny task_vectors release: zeroshot.pt, <Task>/finetuned.pt, head_<Task>.pt."""
-    root = tmp_path_factory.mktemp("task_vectors")
+    return make_release(tmp_path_factory.mktemp("task_vectors"), DIRS, _test_images)
+
+
+def make_release(root, dirs, test_images):
+    """A tiny task_vectors release: zeroshot.pt, <Task>/finetuned.pt, head_<Task>.pt, pickled
+    from a throwaway ``src.modeling``. ``dirs``: task -> the release's name for it;
+    ``test_images(task)``: (encoder inputs, labels, classes) for the class-mean heads."""
     src, modeling = types.ModuleType("src"), types.ModuleType("src.modeling")
     for cls in (ImageEncoder, ClassificationHead):
         cls.__module__, cls.__qualname__ = "src.modeling", cls.__name__
@@ -86,14 +91,14 @@ def release(tmp_path_factory, tiny_cache):
     try:
         base = tiny_open_clip()
         torch.save(ImageEncoder(copy.deepcopy(base)), root / "zeroshot.pt")
-        for i, task in enumerate(TASKS):
+        for i, (task, name) in enumerate(dirs.items()):
             expert = ImageEncoder(_perturbed(base, seed=i))
-            (root / DIRS[task]).mkdir()
-            torch.save(expert, root / DIRS[task] / "finetuned.pt")
-            x, y, classes = _test_images(task)
-            with torch.no_grad():
-                weights = _class_mean_head(expert(x), y, classes)
-            torch.save(ClassificationHead(weights), root / f"head_{DIRS[task]}.pt")
+            (root / name).mkdir()
+            torch.save(expert, root / name / "finetuned.pt")
+            x, y, classes = test_images(task)
+            with torch.no_grad():  # classes a tiny split lacks get logit 0
+                weights = torch.nan_to_num(_class_mean_head(expert(x), y, classes))
+            torch.save(ClassificationHead(weights), root / f"head_{name}.pt")
     finally:
         del sys.modules["src.modeling"], sys.modules["src"]
     return root
@@ -223,8 +228,8 @@ def test_hf_heads_come_from_the_text_tower_with_the_given_names_and_templates(
     assert out.returncode == 2
     assert out.stderr.splitlines()[0] == (
         "error: hf pool: no zero-shot heads for signs, digits, textures: give pool.classnames "
-        "and pool.templates per task (the text tower embeds them), or "
-        "pool.heads=<folder of <task>.safetensors>")
+        "and pool.templates per task (the text tower embeds them; a conf/task/ YAML has them), "
+        "or pool.heads=<folder of <task>.safetensors>")
     names = {"signs": ["stop", "yield"], "digits": ["zero", "one", "two"],
              "textures": ["dots", "lines"]}
     classnames = "{" + ", ".join(f"{t}: [{', '.join(n)}]" for t, n in names.items()) + "}"

@@ -297,7 +297,7 @@ def test_a_read_only_cache_still_gives_the_results(cache, tmp_path, monkeypatch,
         def __init__(self, path):
             pass
 
-        def acquire(self):
+        def acquire(self, timeout=None):
             raise PermissionError(30, "Read-only file system")
 
     monkeypatch.setattr(tint_cache, "FileLock", ReadOnlyLock)
