@@ -268,11 +268,19 @@ def test_a_bad_value_fails_before_any_work(run_tint, tmp_path, override, message
 def test_bench_times_both_adaptation_steps_on_their_real_batches(run_tint, tmp_path):
     out = run_tint("bench", *TINY, "repeats=2", "warmup=1", f"hydra.run.dir={tmp_path / 'b'}")
     assert out.returncode == 0, out.stderr
-    results = json.loads((tmp_path / "b" / "bench.json").read_text())["results"]
+    payload = json.loads((tmp_path / "b" / "bench.json").read_text())
+    results = payload["results"]
     assert [r["step"].split()[0] for r in results] == ["AdaMerging", "Model"]
     # AdaMerging's step takes a batch of every task, Tinting's one task's batch
     assert [r["batch"] for r in results] == [3 * 32, 32]
     assert "ratio" in out.stdout
+    # evaluation is timed over every task's whole test split, as a run scores it
+    assert (payload["evaluation"]["tasks"], payload["evaluation"]["images"]) == (3, 3 * 48)
+    assert set(payload["peak_memory"]) == {"evaluation", "adamerging", "tinting"}
+    models = {(m["encoder"], m["tasks"], m["vectors_dtype"]): m["terms"]
+              for m in payload["memory_models"]}  # the README's ViT-L/14 x 20 row
+    assert models["clip_vit_l14", 20, "bf16"]["task vectors (20 x bf16)"] == \
+        20 * 303_966_208 * 2
 
 
 def test_bench_timing_is_the_median_of_the_timed_calls_after_warmup(monkeypatch):
