@@ -296,3 +296,40 @@ def test_bench_timing_is_the_median_of_the_timed_calls_after_warmup(monkeypatch)
         clock[0] += next(durations)
 
     assert bench._timed(call, torch.device("cpu"), warmup=1, repeats=3) == 2.0
+
+
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(run_tint, tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_tint("merge", "-m", *TINY, "method=task_arithmetic", "method.lam=0.3,nan,0.5",
+                   f"hydra.sweep.dir={sweep}")
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-2].startswith(
+        "error: 1 of 3 sweep jobs failed: bad parameters for method 'task_arithmetic': "
+        "lam=nan must be a finite number")
+    assert (sweep / "0" / "results.json").exists() and (sweep / "2" / "results.json").exists()
+    error = json.loads((sweep / "1" / "error.json").read_text())
+    assert "lam=nan" in error["error"] and "method.lam=nan" in error["overrides"]
+    summary = json.loads((sweep / "sweep.json").read_text())
+    assert [job["dir"] for job in summary["failed"]] == [str(sweep / "1")]
+    assert [job["rows"][-1]["params"]["lam"] for job in summary["jobs"]] == [0.3, 0.5]
+
+
+def test_a_rerun_sweep_skips_finished_jobs_and_redoes_a_killed_one(run_tint, tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *TINY, "method=task_arithmetic", "method.lam=0.1,0.9",
+            f"hydra.sweep.dir={sweep}"]
+    assert run_tint("merge", *args).returncode == 0
+    finished = (sweep / "0" / "results.json").stat().st_mtime_ns
+    killed = sweep / "1" / "results.json"
+    killed.rename(sweep / "1" / "results.partial.json")  # as a job killed before its end
+    out = run_tint("merge", *args)
+    assert out.returncode == 0, out.stderr
+    assert f"finished already with this config, skipped: {sweep / '0' / 'results.json'}" in \
+        out.stdout.replace("\n", "")
+    assert (sweep / "0" / "results.json").stat().st_mtime_ns == finished
+    assert killed.exists() and (sweep / "1" / "results.partial.1.json").exists()
+    # the same folder with another config is not the same job: refused, not overwritten
+    other = run_tint("merge", "-m", *TINY, "method=task_arithmetic", "method.lam=0.5",
+                     f"hydra.sweep.dir={sweep}")
+    assert other.returncode == 2 and "holds a finished run" in other.stderr
+    assert (sweep / "0" / "results.json").stat().st_mtime_ns == finished

@@ -22,7 +22,15 @@ def _merge(cfg: DictConfig, console: Console) -> None:
     from tintcli.recipes import merge
 
     hydra_cfg = HydraConfig.get()
-    merge.run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), console)
+    merge.run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), console,
+              resume=_multirun())
+
+
+def _multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _bench(cfg: DictConfig, console: Console) -> None:
@@ -79,14 +87,23 @@ def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], None]):
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
     def app(cfg: DictConfig) -> None:
+        """A job never exits the process: its failure is recorded in its run directory
+        (error.json) and reported when Hydra is done, so a sweep's other jobs go on."""
         try:
             recipe(cfg, Console())
-        except TintError as err:
-            fail(err)
         except KeyboardInterrupt:
-            fail(Interrupted("interrupted (Ctrl-C) before any results"))
+            fail(Interrupted("interrupted (Ctrl-C) before any results"))  # stops the sweep too
+        except Exception as err:  # noqa: BLE001 - recorded, then reported (or re-raised)
+            if not isinstance(err, TintError) and not _multirun():
+                raise  # a bug in a single run: its traceback, as usual
+            from tintcli.tracking import record_failure
+
+            FAILED.append(record_failure(err, multirun=_multirun()))
 
     return app
+
+
+FAILED: list[TintError] = []  # this process's failed jobs, reported once Hydra returns
 
 
 def usage() -> str:
@@ -137,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv[: len(words)] == words:
             sys.argv = [f"tint {name}", *normalize_overrides(argv[len(words):], config_name)]
             _hydra_app(config_name, recipe)()
+            if FAILED:
+                from tintcli.tracking import sweep_failure
+
+                fail(sweep_failure(FAILED) or FAILED[0])
             return 0
     known = ", ".join(SUBCOMMANDS)
     fail(TintError(f"unknown command '{' '.join(argv[:2]) if argv[0] == 'zoo' else argv[0]}'; "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -90,13 +91,25 @@ def sweep_table(jobs: list[dict[str, Any]]) -> Table:
         table.add_column("val", justify="right")
     table.add_column("avg", justify="right", style="bold")
     table.add_column("norm", justify="right")
-    for num, (job, rows) in enumerate(zip(jobs, merged, strict=True)):
+    for job, rows in zip(jobs, merged, strict=True):
         for row in rows:
             val = (row.get("validation") or {}).get("average")
             mark = " ★" if best is not None and val == best else ""
             cells = [_pct(val) + mark] if scored else []
-            table.add_row(str(num), " ".join(job["overrides"]) or "-", row["name"], *cells,
+            name = Path(job["dir"]).name if job.get("dir") else "-"
+            table.add_row(name, " ".join(job["overrides"]) or "-", row["name"], *cells,
                           _pct(row["average"]), _pct(row["normalized_average"]))
+    return table
+
+
+def failed_table(failed: list[dict[str, Any]]) -> Table:
+    """The sweep's jobs that failed, and why (each one's error.json)."""
+    table = Table(title="failed jobs", title_justify="left", title_style="bold red")
+    table.add_column("job", justify="right")
+    table.add_column("overrides")
+    table.add_column("error")
+    for job in failed:
+        table.add_row(Path(job["dir"]).name, " ".join(job["overrides"]) or "-", job["error"])
     return table
 
 

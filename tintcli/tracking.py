@@ -22,6 +22,8 @@ from tintcli.io import write_json
 from tintcli.paths import PACKAGE_DIR
 
 RESULTS = "results.json"
+ERROR = "error.json"  # a failed job's error, in its own run directory
+SWEEP: dict[str, Any] = {}  # this process's multirun: its folder, and jobs and failures
 PARTIAL = "results.partial.json"  # every finished row, flushed as each method ends
 _PACKAGES = ("tintcli", "torch", "timm", "datasets", "hydra-core", "omegaconf", "safetensors",
              "numpy")
@@ -106,6 +108,7 @@ class ClaimRunDir(Callback):
         from tintcli.cli import fail
 
         sweep_dir = Path(config.hydra.sweep.dir)
+        SWEEP.update({"dir": str(sweep_dir)})
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=sweep_dir):
@@ -113,6 +116,45 @@ class ClaimRunDir(Callback):
         except OSError as err:
             fail(TintError(f"cannot use {sweep_dir} as the sweep directory: "
                            f"{err.strerror or err}\nPass a writable hydra.sweep.dir=<folder>."))
+
+
+def record_failure(err: Exception, multirun: bool) -> TintError:
+    """Write a job's error to ``error.json`` in its run directory (with the traceback when it
+    is not a TintError: a bug), say so in a sweep, and return the error to report at the end."""
+    import traceback
+
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    first, *rest = str(err).splitlines() or [type(err).__name__]
+    if not isinstance(err, TintError):
+        first = f"{type(err).__name__}: {first}"
+    overrides = list(hydra_cfg.overrides.task)
+    payload = {"error": first, "details": rest, "overrides": overrides,
+               "job": hydra_cfg.job.get("num"), "traceback": None if isinstance(err, TintError)
+               else traceback.format_exc()}
+    try:
+        write_json(run_dir / ERROR, payload)
+    except OSError:
+        pass  # the error is still printed, and reported at the end
+    if multirun:
+        Console(stderr=True).print(f"[bold red]job {payload['job']} failed[/] "
+                                   f"({' '.join(overrides) or 'no overrides'}): {first}\n"
+                                   "  the sweep goes on", soft_wrap=True, highlight=False)
+    return err if isinstance(err, TintError) else TintError(first)
+
+
+def sweep_failure(failed: list[TintError]) -> TintError | None:
+    """The one error a finished sweep with failed jobs ends with (None: it was no sweep)."""
+    if not SWEEP:
+        return None
+    firsts = [str(e).splitlines()[0] for e in failed]
+    return TintError(f"{len(failed)} of {SWEEP.get('jobs', len(failed))} sweep jobs failed: "
+                     f"{firsts[0]}" + (f" (and {len(firsts) - 1} more)" if len(firsts) > 1
+                                       else "") +
+                     f"\nThe others finished. {SWEEP['dir']}/sweep.json lists every job; each "
+                     "failed job's error.json holds its error.")
 
 
 def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
@@ -158,20 +200,32 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        jobs = []
-        for path in sorted(sweep_dir.glob(f"*/{RESULTS}"), key=lambda p: _job_num(p.parent)):
-            result = json.loads(path.read_text())
-            jobs.append({"dir": str(path.parent), "overrides": result.get("overrides", []),
-                         "seed": result.get("seed"), "tasks": result["tasks"],
-                         "rows": result["rows"]})
-        if not jobs:
+        jobs, failed = [], []
+        folders = sorted({p.parent for name in (RESULTS, ERROR)
+                          for p in sweep_dir.glob(f"*/{name}")}, key=_job_num)
+        for folder in folders:
+            if (folder / RESULTS).exists():
+                result = json.loads((folder / RESULTS).read_text())
+                jobs.append({"dir": str(folder), "overrides": result.get("overrides", []),
+                             "seed": result.get("seed"), "tasks": result["tasks"],
+                             "rows": result["rows"]})
+            else:
+                error = json.loads((folder / ERROR).read_text())
+                failed.append({"dir": str(folder), "overrides": error.get("overrides", []),
+                               "error": error["error"]})
+        SWEEP.update({"jobs": len(jobs) + len(failed), "failed": len(failed)})
+        if not jobs and not failed:
             return
         seeds = over_seeds(jobs)
-        write_json(sweep_dir / "sweep.json", {"jobs": jobs, "over_seeds": seeds})
-        from tintcli.report import seeds_table, sweep_table
+        write_json(sweep_dir / "sweep.json", {"jobs": jobs, "failed": failed,
+                                              "over_seeds": seeds})
+        from tintcli.report import failed_table, seeds_table, sweep_table
 
         console = Console()
-        console.print(sweep_table(jobs))
+        if jobs:
+            console.print(sweep_table(jobs))
+        if failed:
+            console.print(failed_table(failed))
         for group in seeds:
             console.print(seeds_table(group, console.width))
 

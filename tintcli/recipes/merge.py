@@ -7,6 +7,7 @@ layers, merged encoder and a lambda heatmap under ``adapted/<method>/`` in the r
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from tintcli.report import progress_bar, realism_text, results_table
 from tintcli.runtime import resolve_precision
 from tintcli.tasks import check_image_size, describe, task_names
 from tintcli.tracking import (
+    ERROR,
     PARTIAL,
     RESULTS,
     claim_run_dir,
@@ -123,8 +125,24 @@ class RowLog:
         return f"Rows finished before this ({merged} method row(s)): {self.path}"
 
 
-def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) -> dict:
+def finished_same(run_dir: Path, cfg: DictConfig) -> dict | None:
+    """The results of a finished run of this very config (seed included) in ``run_dir``."""
+    try:
+        done = json.loads((run_dir / RESULTS).read_text())
+    except (OSError, ValueError):
+        return None
+    return done if done.get("config") == OmegaConf.to_container(cfg, resolve=True) else None
+
+
+def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
+        resume: bool = False) -> dict:
+    """One run. ``resume`` (a sweep's job): a job whose results.json holds this same resolved
+    config is done already and skipped, unless ``overwrite=true``; a killed job left no
+    results.json and runs again."""
     started = time.time()
+    if resume and not cfg.overwrite and (done := finished_same(run_dir, cfg)) is not None:
+        console.print(f"finished already with this config, skipped: {run_dir / RESULTS}")
+        return done
     check_run_config(cfg)
     runs = method_runs(cfg.method)
     architecture = build_encoder(cfg.encoder)  # no weights: what tint= may name, say
@@ -177,6 +195,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console) 
         message = f"cannot write {run_dir / RESULTS}: {err.strerror or err}"
         raise TintError(f"{message}\n{log.keep(title, message)}") from err
     log.path.unlink(missing_ok=True)
+    (run_dir / ERROR).unlink(missing_ok=True)  # an earlier failure of this job, now redone
     console.print(f"results: {path}")
     log_wandb(cfg, payload, run_dir, console)
     return payload
