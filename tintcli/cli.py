@@ -109,6 +109,7 @@ FAILED: list[TintError] = []  # this process's failed jobs, reported once Hydra 
 def usage() -> str:
     lines = ["usage: tint <command> [hydra overrides and flags]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_, _) in SUBCOMMANDS.items()]
+    lines += [f"  {'table':<10} the paper's tables from results.json files (tint table --help)"]
     lines += ["", "Each command is a Hydra app: `tint merge --help` lists its config groups;",
               "`tint merge +tasks=vit8` and `tint merge tasks=vit8` both pick a task set;",
               "`tint merge method=ties method.lam=0.5`, `tint merge -m method.lam=0.1,0.3`,",
@@ -149,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
+    if argv[0] == "table":  # reads results, runs nothing: plain arguments, not a Hydra app
+        from tintcli.recipes import table
+
+        try:
+            return table.main(argv[1:])
+        except TintError as err:
+            fail(err)
     for name, (config_name, _, recipe) in SUBCOMMANDS.items():
         words = name.split()
         if argv[: len(words)] == words:
@@ -159,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 fail(sweep_failure(FAILED) or FAILED[0])
             return 0
-    known = ", ".join(SUBCOMMANDS)
+    known = ", ".join([*SUBCOMMANDS, "table"])
     fail(TintError(f"unknown command '{' '.join(argv[:2]) if argv[0] == 'zoo' else argv[0]}'; "
                    f"tint has: {known}\nRun `tint --help` for usage."))
     return 2

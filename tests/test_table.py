@@ -1,0 +1,117 @@
+"""`tint table` on hand-made results.json files: rows by method and parameters, mean ± std
+over seeds, PAPER.md's numbers only where the setting matches, every output format."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from tintcli.recipes.table import find_results, gather, lambda_plot, records, render
+
+TASKS = ["mnist", "svhn"]
+
+
+def _row(name, method, params, acc, kind="merged", val=None):
+    row = {"name": name, "kind": kind, "accuracy": dict(zip(TASKS, acc, strict=True)),
+           "average": sum(acc) / len(acc), "normalized_average": sum(acc) / len(acc) / 0.9}
+    if kind == "merged":
+        row.update(method=method, params=params)
+    if val is not None:
+        row["validation"] = {"average": val}
+    return row
+
+
+def _write(folder, rows, seed=0, encoder="clip_vit_b32", tasks="vit8", pool="task_vectors",
+           extra=None):
+    folder.mkdir(parents=True)
+    config = {"encoder": {"name": encoder}, "tasks": {"name": tasks},
+              "pool": {"kind": pool}, "seed": seed, "method": {"name": "x"}, **(extra or {})}
+    references = [_row("zero-shot", None, None, [0.4, 0.5], "reference"),
+                  _row("experts", None, None, [0.9, 0.9], "reference")]
+    (folder / "results.json").write_text(json.dumps(
+        {"config": config, "seed": seed, "tasks": TASKS, "rows": references + rows}))
+
+
+def test_rows_are_methods_and_parameters_averaged_over_seeds(tmp_path):
+    # two seeds of the same TIES run, labelled differently; and TIES at another lambda
+    _write(tmp_path / "a", [_row("TIES", "ties", {"lam": 0.3, "top_k": 20}, [0.7, 0.8])], 0)
+    _write(tmp_path / "b", [_row("my ties", "ties", {"top_k": 20, "lam": 0.3}, [0.8, 0.9])], 1)
+    _write(tmp_path / "c", [_row("TIES", "ties", {"lam": 0.5, "top_k": 20}, [0.1, 0.2])], 0)
+    # a run that differs in more than the seed (another sampler) is another row
+    _write(tmp_path / "d", [_row("TIES", "ties", {"lam": 0.3, "top_k": 20}, [0.2, 0.2])], 2,
+           extra={"sampler": {"name": "confidence"}})
+    (setting,) = gather(find_results([str(tmp_path)]))
+    rows = records(setting)
+    # zero-shot, experts, TIES at 0.3 (2 seeds), TIES at 0.5, TIES at 0.3 with the other sampler
+    assert [(r["row"], r["seeds"]) for r in rows] == [
+        ("zero-shot", 3), ("experts", 3), ("TIES", 2), ("TIES", 1), ("TIES", 1)]  # seeds 0-2
+    ties = rows[2]
+    assert ties["average"][0] == pytest.approx(0.8)  # mean of 0.75 and 0.85
+    assert ties["average"][1] == pytest.approx(0.0707, abs=1e-4)  # sample std
+    assert ties["mnist"][0] == pytest.approx(0.75)
+    assert rows[0]["average"] == (pytest.approx(0.45), pytest.approx(0.0))
+    assert rows[3]["params"] == {"lam": 0.5, "top_k": 20}
+    assert ties["paper"] == 72.9  # PAPER.md: TIES, ViT-B/32, 8 tasks, task_vectors
+
+
+@pytest.mark.parametrize(("encoder", "tasks", "pool", "expected"), [
+    ("clip_vit_l14", "vit20", "task_vectors", 73.0),
+    ("clip_vit_b32", "vit8", "hf", 72.2),            # FusionBench's re-run
+    ("clip_vit_b32", "vit14", "hf", "not comparable"),  # a setting no paper reports
+    ("synth_vit", "synth8", "synth", "not comparable"),
+])
+def test_paper_numbers_only_where_the_setting_matches(tmp_path, encoder, tasks, pool, expected):
+    _write(tmp_path / "r", [_row("TIES", "ties", {"lam": 0.3}, [0.7, 0.8])], encoder=encoder,
+           tasks=tasks, pool=pool)
+    (setting,) = gather(find_results([str(tmp_path)]))
+    assert [r["paper"] for r in records(setting) if r["row"] == "TIES"] == [expected]
+
+
+def test_adamerging_variants_take_their_own_reference(tmp_path):
+    _write(tmp_path / "r", [
+        _row("AdaMerging", "adamerging", {"granularity": "layer", "ties_top_k": None}, [.8, .8]),
+        _row("AdaMerging++", "adamerging", {"granularity": "layer", "ties_top_k": 20}, [.8, .8]),
+        _row("AdaMerging tw", "adamerging", {"granularity": "task", "ties_top_k": None}, [.7, .7]),
+    ], pool="hf")
+    (setting,) = gather(find_results([str(tmp_path)]))
+    papers = {r["row"]: r["paper"] for r in records(setting)}
+    assert papers == {"zero-shot": 48.2, "experts": 90.3, "AdaMerging": 82.6,
+                      "AdaMerging++": None, "AdaMerging tw": 68.7}
+
+
+def test_every_format_holds_the_same_numbers(tmp_path):
+    _write(tmp_path / "r", [_row("task_arithmetic λ=0.3", "task_arithmetic", {"lam": 0.3},
+                                 [0.625, 0.75])])
+    (setting,) = gather(find_results([str(tmp_path)]))
+    markdown = render(setting, "md")
+    assert "| task_arithmetic λ=0.3 | 62.5 | 75.0 | 68.8 | 76.4 | 1 | 69.1 |" in markdown
+    table = list(csv.reader(io.StringIO(render(setting, "csv"))))
+    assert table[0][1:] == ["method", "mnist", "svhn", "avg", "norm", "seeds", "paper avg"]
+    assert table[3][1:] == ["task_arithmetic λ=0.3", "62.5", "75.0", "68.8", "76.4", "1", "69.1"]
+    latex = render(setting, "latex")
+    assert r"task\_arithmetic λ=0.3 & 62.5 & 75.0 & 68.8 & 76.4 & 1 & 69.1 \\" in latex
+    assert latex.startswith(r"\begin{tabular}{lrrrrrr}")
+
+
+def test_a_lambda_sweep_gives_a_plot_and_a_single_run_none(tmp_path):
+    for i, lam in enumerate((0.1, 0.3, 0.5)):
+        _write(tmp_path / "sweep" / str(i), [_row(f"ta {lam}", "task_arithmetic", {"lam": lam},
+                                                 [0.5 + lam / 10, 0.6], val=0.6 - abs(lam - 0.3))])
+    (setting,) = gather(find_results([str(tmp_path / "sweep")]))
+    assert lambda_plot(setting, tmp_path / "lambda.png")
+    assert (tmp_path / "lambda.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    _write(tmp_path / "one", [_row("ta", "task_arithmetic", {"lam": 0.3}, [0.5, 0.6])])
+    (single,) = gather(find_results([str(tmp_path / "one")]))
+    assert not lambda_plot(single, tmp_path / "none.png")
+
+
+def test_the_command_reads_folders_and_says_what_is_wrong(run_tint, tmp_path):
+    _write(tmp_path / "r", [_row("TIES", "ties", {"lam": 0.3}, [0.7, 0.8])])
+    out = run_tint("table", str(tmp_path / "r"), "--format", "md", "--out",
+                   str(tmp_path / "t.md"))
+    assert out.returncode == 0, out.stderr
+    assert "| TIES | 70.0 | 80.0 | 75.0 |" in (tmp_path / "t.md").read_text()
+    missing = run_tint("table", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2
+    assert missing.stderr.startswith(f"error: {tmp_path / 'nowhere'} does not exist")

@@ -1,0 +1,307 @@
+"""`tint table`: the paper's tables from any runs' and sweeps' results.json files.
+
+A row is identified by its method and parameters (never by its label), and a row's numbers
+are the mean ± sample std over the runs whose resolved configs differ only in the seed. One
+table per setting (encoder, task set, checkpoint pool); PAPER.md's reference average sits
+beside each row where the setting is one the papers report, and "not comparable" where it
+is not. Output as a rich table, Markdown, CSV or LaTeX; a lambda sweep also gives an
+accuracy-vs-lambda PNG (test, and validation where the runs scored it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from tintcli.errors import TintError
+from tintcli.io import atomic_write, canonical, fingerprint
+
+# PAPER.md's reference averages: (encoder, task set, checkpoint pool kind) -> row -> %.
+# task_vectors-style checkpoints: the final-version table; hf: FusionBench's own re-run.
+_FINAL = {  # (B/32 8, 14, 20), (L/14 8, 14, 20)
+    "zero-shot": ((48.0, 57.1, 56.0), (64.5, 68.1, 65.1)),
+    "experts": ((90.5, 89.5, 90.4), (94.2, 93.2, 94.0)),
+    "task_arithmetic": ((69.1, 65.4, 60.8), (84.5, 78.4, 73.9)),
+    "ties": ((72.9, 65.2, 63.1), (86.0, 80.5, 73.0)),
+    "adamerging": ((80.1, 76.7, 69.6), (90.8, 85.2, 82.1)),
+    "tinting": ((90.1, 88.7, 88.6), (94.1, 92.8, 93.2)),
+}
+REFERENCES: dict[tuple[str, str, str], dict[str, float]] = {
+    (encoder, tasks, "task_vectors"): {row: values[e][t] for row, values in _FINAL.items()}
+    for e, encoder in enumerate(("clip_vit_b32", "clip_vit_l14"))
+    for t, tasks in enumerate(("vit8", "vit14", "vit20"))}
+REFERENCES[("clip_vit_b32", "vit8", "task_vectors")]["adamerging_pp"] = 81.1  # its own logs
+REFERENCES[("clip_vit_b32", "vit8", "hf")] = {
+    "zero-shot": 48.2, "experts": 90.3, "weight_averaging": 66.5, "task_arithmetic": 68.0,
+    "ties": 72.2, "adamerging_task": 68.7, "adamerging": 82.6}
+REFERENCES[("clip_vit_l14", "vit8", "hf")] = {"task_arithmetic": 80.7, "ties": 84.0,
+                                              "adamerging": 91.0}
+_BOOKKEEPING = ("seed", "overwrite", "save_merged", "tracking", "device", "eval", "method")
+
+
+@dataclass
+class Row:
+    label: str
+    kind: str
+    method: str | None
+    params: dict
+    runs: list[dict] = field(default_factory=list)  # the row of each seed's run
+    seeds: list = field(default_factory=list)
+
+    def add(self, seed: object, row: dict) -> None:
+        """One row per seed: the reference rows repeat in every run of a sweep."""
+        if seed not in self.seeds:
+            self.seeds.append(seed)
+            self.runs.append(row)
+
+    def stat(self, pick) -> tuple[float | None, float | None]:
+        values = [v for v in (pick(r) for r in self.runs) if v is not None]
+        if not values:
+            return None, None
+        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+@dataclass
+class Setting:
+    encoder: str
+    task_set: str
+    pool: str
+    tasks: list[str]
+    rows: dict[tuple, Row] = field(default_factory=dict)
+    seeds: set = field(default_factory=set)
+
+    @property
+    def title(self) -> str:
+        return f"{self.task_set} · {self.encoder} · pool={self.pool}"
+
+    @property
+    def references(self) -> dict[str, float] | None:
+        return REFERENCES.get((self.encoder, self.task_set, self.pool))
+
+
+def find_results(paths: list[str]) -> list[Path]:
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser()
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            found.extend(sorted(path.rglob("results.json")))
+        else:
+            raise TintError(f"{path} does not exist\nGive run or sweep folders, or results.json "
+                            "files.")
+    if not found:
+        raise TintError(f"no results.json under {', '.join(paths)}\nGive the folders of "
+                        "finished runs or sweeps (runs/merge/..., runs/merge-sweep/...).")
+    return found
+
+
+def _method_key(row: dict) -> str:
+    """The row's method as the references name it (AdaMerging task-wise and ++ apart)."""
+    if row["kind"] == "reference":
+        return row["name"]
+    method, params = row.get("method") or row["name"], row.get("params") or {}
+    if method == "adamerging":
+        if params.get("ties_top_k") is not None:
+            return "adamerging_pp" if params.get("granularity", "layer") == "layer" else "-"
+        return "adamerging" if params.get("granularity", "layer") == "layer" else \
+            "adamerging_task"
+    return method
+
+
+def gather(files: list[Path]) -> list[Setting]:
+    settings: dict[tuple, Setting] = {}
+    for path in files:
+        try:
+            result = json.loads(path.read_text())
+            config = result["config"]
+        except (OSError, ValueError, KeyError) as err:
+            raise TintError(f"{path} is not a tint results.json ({err})") from err
+        pool = (config.get("pool") or {}).get("kind", "synth")
+        key = (config["encoder"]["name"], config["tasks"]["name"], pool, tuple(result["tasks"]))
+        setting = settings.setdefault(key, Setting(*key[:3], list(result["tasks"])))
+        setting.seeds.add(result.get("seed"))
+        # runs that differ in anything but the seed (and the method) are other rows
+        rest = fingerprint({k: v for k, v in config.items() if k not in _BOOKKEEPING})
+        for row in result["rows"]:
+            params = canonical(row.get("params") or {})
+            row_id = (row["kind"], row.get("method") or row["name"], fingerprint(params),
+                      rest if row["kind"] != "reference" else "")
+            entry = setting.rows.setdefault(row_id, Row(row["name"], row["kind"],
+                                                        row.get("method"), params))
+            entry.add(result.get("seed"), row)
+    return list(settings.values())
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _cell(mean: float | None, std: float | None) -> str:
+    return _pct(mean) + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def records(setting: Setting) -> list[dict[str, Any]]:
+    """One plain record per row: label, per-task means, average, normalised, seeds, paper."""
+    out = []
+    refs = setting.references
+    for row in setting.rows.values():
+        sample = row.runs[0]
+        method = _method_key(sample)
+        reference: float | str | None = "not comparable"
+        if refs is not None:
+            reference = refs.get(method)
+        record = {"row": row.label, "method": row.method or row.label, "params": row.params,
+                  "seeds": len(row.runs)}
+        for task in setting.tasks:
+            record[task] = row.stat(lambda r, t=task: r["accuracy"].get(t))
+        record["average"] = row.stat(lambda r: r["average"])
+        record["normalized"] = row.stat(lambda r: r.get("normalized_average"))
+        record["validation"] = row.stat(lambda r: (r.get("validation") or {}).get("average"))
+        record["paper"] = reference
+        out.append(record)
+    return out
+
+
+def _paper(value: float | str | None) -> str:
+    return value if isinstance(value, str) else ("-" if value is None else f"{value:.1f}")
+
+
+def render(setting: Setting, fmt: str, per_task: bool = True) -> str | Table:
+    rows = records(setting)
+    tasks = setting.tasks if per_task else []
+    validation = any(r["validation"][0] is not None for r in rows)
+    header = ["method", *tasks, *(["val"] if validation else []), "avg", "norm", "seeds",
+              "paper avg"]
+    body = [[r["row"], *[_pct(r[t][0]) for t in tasks],
+             *([_pct(r["validation"][0])] if validation else []), _cell(*r["average"]),
+             _pct(r["normalized"][0]), str(r["seeds"]), _paper(r["paper"])] for r in rows]
+    if fmt == "rich":
+        table = Table(title=setting.title, title_justify="left",
+                      caption="top-1 accuracy % (test; val: validation), mean ± std over seeds;"
+                              " paper avg: PAPER.md")
+        for i, name in enumerate(header):
+            table.add_column(name, justify="left" if i == 0 else "right")
+        for line in body:
+            table.add_row(*line)
+        return table
+    if fmt == "md":
+        lines = [f"**{setting.title}**", "", "| " + " | ".join(header) + " |",
+                 "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(line) + " |" for line in body]) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["setting", *header])
+        for line in body:
+            writer.writerow([setting.title, *line])
+        return buffer.getvalue()
+    if fmt == "latex":
+        escape = lambda text: text.replace("_", r"\_").replace("%", r"\%").replace("±", r"$\pm$")  # noqa: E731
+        lines = [r"\begin{tabular}{l" + "r" * (len(header) - 1) + "}", r"\toprule",
+                 " & ".join(escape(h) for h in header) + r" \\", r"\midrule"]
+        lines += [" & ".join(escape(c) for c in line) + r" \\" for line in body]
+        lines += [r"\bottomrule", r"\end{tabular}", f"% {setting.title}"]
+        return "\n".join(lines) + "\n"
+    raise TintError(f"--format {fmt} is not one tint writes; use rich, md, csv or latex")
+
+
+def lambda_sweeps(setting: Setting) -> dict[str, list[tuple[float, float, float | None]]]:
+    """Per method: (lambda, test average, validation average) of rows that differ only in
+    lambda, when there are at least three."""
+    by_method: dict[str, list[tuple[float, float, float | None]]] = {}
+    for row in setting.rows.values():
+        if row.kind != "merged" or "lam" not in row.params:
+            continue
+        rest = fingerprint({k: v for k, v in row.params.items() if k != "lam"})
+        test = row.stat(lambda r: r["average"])[0]
+        val = row.stat(lambda r: (r.get("validation") or {}).get("average"))[0]
+        by_method.setdefault(f"{row.method} {rest}", []).append((float(row.params["lam"]),
+                                                                 test, val))
+    return {k.split()[0]: sorted(v) for k, v in by_method.items() if len(v) >= 3}
+
+
+def lambda_plot(setting: Setting, path: Path) -> bool:
+    """Accuracy against lambda (test, and validation with its best marked); False if the
+    setting holds no lambda sweep."""
+    sweeps = lambda_sweeps(setting)
+    if not sweeps:
+        return False
+    import logging
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, points in sweeps.items():
+        lams = [p[0] for p in points]
+        ax.plot(lams, [100 * p[1] for p in points], marker="o", label=f"{method} (test)")
+        if all(p[2] is not None for p in points):
+            ax.plot(lams, [100 * p[2] for p in points], marker="s", linestyle="--",
+                    label=f"{method} (validation)")
+            best = max(points, key=lambda p: p[2])
+            ax.axvline(best[0], color="grey", linestyle=":", label=f"best on validation: "
+                                                                   f"λ={best[0]:g}")
+    ax.set_xlabel("λ")
+    ax.set_ylabel("average accuracy (%)")
+    ax.set_title(setting.title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tint table", description="The paper's tables from runs' and sweeps' "
+                                       "results.json files.")
+    parser.add_argument("paths", nargs="+", help="run or sweep folders, or results.json files")
+    parser.add_argument("--format", default="rich", choices=["rich", "md", "csv", "latex"])
+    parser.add_argument("--out", help="write the table to this file (default: print it)")
+    parser.add_argument("--plot", help="write the accuracy-vs-λ PNG of a λ sweep here "
+                                       "(default: lambda.png beside --out, or in the first "
+                                       "folder given)")
+    parser.add_argument("--no-tasks", action="store_true", help="averages only")
+    args = parser.parse_args(argv)
+    files = find_results(args.paths)
+    settings = gather(files)
+    console = Console()
+    chunks = []
+    for setting in settings:
+        fits = 40 + 7 * len(setting.tasks) + max(len(r.label) for r in setting.rows.values())
+        per_task = not args.no_tasks and (args.format != "rich" or fits <= console.width)
+        rendered = render(setting, args.format, per_task=per_task)
+        if isinstance(rendered, Table):
+            console.print(rendered)
+        else:
+            chunks.append(rendered)
+    text = "\n".join(chunks)
+    if args.out:
+        atomic_write(Path(args.out), lambda tmp: Path(tmp).write_text(text))
+        console.print(f"table: {args.out}")
+    elif text:
+        print(text, end="")
+    first = Path(args.paths[0])
+    default = (Path(args.out).parent if args.out else first if first.is_dir()
+               else first.parent) / "lambda.png"
+    for i, setting in enumerate(settings):
+        plot = Path(args.plot) if args.plot else default
+        if i:
+            plot = plot.with_name(f"{plot.stem}-{i}{plot.suffix}")
+        if lambda_plot(setting, plot):
+            console.print(f"λ plot: {plot}")
+    console.print(f"[dim]{len(files)} results.json file(s), {len(settings)} setting(s)[/]")
+    return 0
