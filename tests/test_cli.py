@@ -333,3 +333,23 @@ def test_a_rerun_sweep_skips_finished_jobs_and_redoes_a_killed_one(run_tint, tmp
                      f"hydra.sweep.dir={sweep}")
     assert other.returncode == 2 and "holds a finished run" in other.stderr
     assert (sweep / "0" / "results.json").stat().st_mtime_ns == finished
+
+
+def test_wandb_logs_offline_as_it_trains_without_credentials(run_tint, tmp_path, monkeypatch):
+    """The real wandb library, no credentials: offline mode, said so; the run file holds the
+    loss and each task's lambda at every step, the rows, the group and the job type."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no netrc, no wandb settings
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    out = run_tint("merge", *TINY, "method=adamerging", "method.steps=3",
+                   "tracking.wandb.enabled=true", f"hydra.run.dir={tmp_path / 'w'}")
+    assert out.returncode == 0, out.stderr
+    assert "W&B: offline (no credentials found); to upload: wandb sync" in \
+        (out.stdout + out.stderr).replace("\n", "")
+    (record,) = (tmp_path / "w" / "wandb").glob("offline-run-*/run-*.wandb")
+    data = record.read_bytes()
+    assert data.count(b"adamerging/loss") >= 3  # one history record per step, as it trains
+    assert all(f"adamerging/lambda/{t}".encode() in data for t in ("signs", "digits"))
+    assert b"zero-shot/average" in data and b"results" in data
+    assert b"adamerging" in data  # job_type

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import secrets
 import statistics
@@ -163,35 +164,113 @@ def write_results(run_dir: Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def log_wandb(cfg: DictConfig, payload: dict[str, Any], run_dir: Path,
-              console: Console | None = None) -> None:
-    """Mirror the finished run to Weights & Biases: config, per-row summary and the table.
-    A tracking failure never costs the run: results.json is written before this."""
-    if not cfg.tracking.wandb.enabled:
-        return
+def wandb_mode(configured: str) -> str:
+    """``auto``: online where W&B credentials are configured (WANDB_API_KEY, or a netrc entry
+    for api.wandb.ai as ``wandb login`` writes), else offline, to sync later."""
+    if configured != "auto":
+        return configured
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
     try:
-        _log_wandb(cfg, payload, run_dir)
-    except Exception as err:  # noqa: BLE001 - any W&B failure: warn, the results are safe
-        (console or Console(stderr=True)).print(
-            f"[yellow]warning:[/] W&B logging failed ({type(err).__name__}: {err}); "
-            f"the results are in {run_dir / RESULTS}")
+        import netrc
+
+        return "online" if netrc.netrc().authenticators("api.wandb.ai") else "offline"
+    except (OSError, netrc.NetrcParseError):
+        return "offline"
 
 
-def _log_wandb(cfg: DictConfig, payload: dict[str, Any], run_dir: Path) -> None:
-    wcfg = cfg.tracking.wandb
-    import wandb
+def _sweep_group() -> str | None:
+    """The sweep's folder name, shared by its jobs wherever a launcher runs them."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    run = wandb.init(project=wcfg.project, entity=wcfg.entity, mode=wcfg.mode,
-                     dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True),
-                     name=run_dir.name, reinit=True)
-    tasks = payload["tasks"]
-    table = wandb.Table(columns=["row", *tasks, "average", "normalized_average"])
-    for row in payload["rows"]:
-        table.add_data(row["name"], *[row["accuracy"][t] for t in tasks], row["average"],
-                       row["normalized_average"])
-        run.summary[f"{row['name']}/average"] = row["average"]
-    run.log({"results": table})
-    run.finish()
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().sweep.dir).name
+    return None
+
+
+class Tracker:
+    """One run's Weights & Biases mirror, live: the resolved config at start, the adaptation
+    loss and each task's lambda at every step, each row's accuracies as its method finishes,
+    the results table and the lambda heatmaps at the end. Runs of one sweep share a ``group``
+    (the sweep folder), ``job_type`` is the method. A W&B failure warns once and stops the
+    mirror; it never costs the run (results.json is tint's record). wandb is imported only
+    when enabled."""
+
+    def __init__(self, run: Any = None, console: Console | None = None):
+        self.run, self.console = run, console or Console(stderr=True)
+        self.steps: dict[str, int] = {}
+
+    @classmethod
+    def start(cls, cfg: DictConfig, run_dir: Path, overrides: list[str],
+              console: Console | None = None) -> Tracker:
+        tracker = cls(None, console)
+        wcfg = cfg.tracking.wandb
+        if not wcfg.enabled:
+            return tracker
+        mode = wandb_mode(str(wcfg.mode))
+
+        def init() -> Any:
+            import wandb
+
+            method = cfg.method.name
+            name = " ".join([method, *(o for o in overrides if not o.startswith("method="))])
+            return wandb.init(project=wcfg.project, entity=wcfg.entity, mode=mode,
+                              dir=str(run_dir), group=_sweep_group(),
+                              job_type=method, name=name[:120] or run_dir.name,
+                              config=OmegaConf.to_container(cfg, resolve=True), reinit=True)
+
+        tracker.run = tracker._safely(init)
+        if tracker.run is not None and mode == "offline":
+            tracker.console.print(f"W&B: offline (no credentials found); to upload: wandb sync "
+                                  f"{run_dir / 'wandb'}/offline-run-*", soft_wrap=True)
+        return tracker
+
+    def _safely(self, fn) -> Any:
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - any W&B failure: warn once, keep running
+            self.console.print(f"[yellow]warning:[/] W&B logging stopped ({type(err).__name__}:"
+                               f" {err}); the results are in results.json", soft_wrap=True)
+            self.run = None
+            return None
+
+    def step(self, method: str, done: int, total: int, loss: float,
+             lambdas: list[float], tasks: list[str]) -> None:
+        if self.run is None:
+            return
+        metrics = {f"{method}/loss": loss, f"{method}/progress": done / max(total, 1),
+                   **{f"{method}/lambda/{t}": lam for t, lam in zip(tasks, lambdas, strict=True)}}
+        self.steps[method] = self.steps.get(method, 0) + 1
+        self._safely(lambda: self.run.log(metrics))
+
+    def row(self, row: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        values = {f"{row['name']}/average": row["average"],
+                  **{f"{row['name']}/{t}": acc for t, acc in row["accuracy"].items()}}
+        self._safely(lambda: self.run.summary.update(values))
+
+    def finish(self, payload: dict[str, Any] | None, run_dir: Path, failed: bool = False) -> None:
+        if self.run is None:
+            return
+
+        def end() -> None:
+            import wandb
+
+            if payload is not None:
+                tasks = payload["tasks"]
+                table = wandb.Table(columns=["row", *tasks, "average", "normalized_average"])
+                for row in payload["rows"]:
+                    table.add_data(row["name"], *[row["accuracy"][t] for t in tasks],
+                                   row["average"], row["normalized_average"])
+                images = {f"lambdas/{p.parent.name}": wandb.Image(str(p))
+                          for p in sorted(run_dir.glob("adapted/*/lambdas.png"))}
+                self.run.log({"results": table, **images})
+            self.run.finish(exit_code=1 if failed else 0)
+
+        self._safely(end)
+        self.run = None
 
 
 class SweepSummary(Callback):

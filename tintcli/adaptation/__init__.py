@@ -25,7 +25,8 @@ from tintcli.errors import TintError
 from tintcli.io import StateDict, check_finite_weights, encoder_entries
 from tintcli.runtime import Runtime
 
-StepCallback = Callable[[int, int, float], None]  # (steps done, total steps, last loss)
+# (steps done, total steps, last loss, each task's lambda averaged over layers)
+StepCallback = Callable[[int, int, float, list[float]], None]
 
 
 @dataclass
@@ -90,9 +91,10 @@ class AdaptationContext:
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
 
-    def report(self, done: int, total: int, loss: float) -> None:
+    def report(self, done: int, total: int, loss: float, merger: LambdaMerger) -> None:
+        """Tell the run (progress bar, W&B) where training is, as it trains."""
         if self.on_step is not None:
-            self.on_step(done, total, loss)
+            self.on_step(done, total, loss, merger.lambdas().detach().mean(0).tolist())
 
 
 def batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:

@@ -97,5 +97,5 @@ def adamerging_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
     curve = []
     for _ in range(steps):
         curve.append(run.step())
-        context.report(run.steps_done, steps, curve[-1])
+        context.report(run.steps_done, steps, curve[-1], run.merger)
     return run.adapted(context.heads, {}, {"unit": "step", "loss": curve})

@@ -147,5 +147,5 @@ def tinting_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
     for _ in range(epochs):
         losses = [run.step(task) for task in run.epoch_order()]
         curve.append(sum(losses) / len(losses))
-        context.report(run.steps_done, total, curve[-1])
+        context.report(run.steps_done, total, curve[-1], run.merger)
     return run.result(curve)

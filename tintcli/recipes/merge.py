@@ -29,8 +29,8 @@ from tintcli.tracking import (
     ERROR,
     PARTIAL,
     RESULTS,
+    Tracker,
     claim_run_dir,
-    log_wandb,
     versions,
     write_results,
 )
@@ -172,17 +172,23 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
         "rows": bench.reference_rows(),
         "started_at": started,
     }, console)
+    tracker = Tracker.start(cfg, run_dir, overrides, console)
+    for row in log.rows:
+        tracker.row(row)
     try:
-        _run_methods(cfg, run_dir, runs, bench, log, console)
+        _run_methods(cfg, run_dir, runs, bench, log, console, tracker)
         with console.status("checking the benchmark's realism targets"):
             log.payload["realism"] = bench.realism()  # None for real checkpoint pools
         log.payload["data"] = bench.data_record()  # with the validation split, if it was used
     except KeyboardInterrupt as err:
+        tracker.finish(None, run_dir, failed=True)
         raise Interrupted(f"interrupted (Ctrl-C)\n{log.keep(title, 'interrupted')}") from err
     except TintError as err:
+        tracker.finish(None, run_dir, failed=True)
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise type(err)(f"{err}\n{log.keep(title, first)}") from err
     except OSError as err:
+        tracker.finish(None, run_dir, failed=True)
         message = f"cannot write {err.filename or 'a file'}: {err.strerror or err}"
         raise TintError(f"{message}\n{log.keep(title, message)}") from err
     payload = {**log.payload, "duration_s": time.time() - started}
@@ -197,12 +203,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
     log.path.unlink(missing_ok=True)
     (run_dir / ERROR).unlink(missing_ok=True)  # an earlier failure of this job, now redone
     console.print(f"results: {path}")
-    log_wandb(cfg, payload, run_dir, console)
+    tracker.finish(payload, run_dir)
     return payload
 
 
 def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, DictConfig]],
-                 bench: Workbench, log: RowLog, console: Console) -> None:
+                 bench: Workbench, log: RowLog, console: Console, tracker: Tracker) -> None:
     context = None  # one per run, so the experts' outputs are computed once for all methods
     validation = bool((cfg.get("eval") or {}).get("validation", False))
     with progress_bar(console) as progress:
@@ -213,8 +219,11 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
             extra: dict[str, Any] = {}
             if method.adaptive:
                 context = context or bench.adaptation_context(cfg.seed)
-                context.on_step = lambda done, total, loss, bar=bar: progress.update(
-                    bar, completed=done, total=total, info=f"loss {loss:.4f}")
+                def on_step(done, total, loss, lambdas, bar=bar, key=key) -> None:
+                    progress.update(bar, completed=done, total=total, info=f"loss {loss:.4f}")
+                    tracker.step(key, done, total, loss, lambdas, bench.tasks)
+
+                context.on_step = on_step
                 adapted = adapt(method_cfg.name, bench.pretrained, bench.experts, context,
                                 **params)
                 accuracy = bench.score_adapted(adapted)
@@ -234,6 +243,7 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
                     save_state_dict(merged, run_dir / "merged" / f"{key}.safetensors",
                                     {"method": label})
             log.add(bench.row(label, accuracy, method=method_cfg.name, params=params, **extra))
+            tracker.row(log.rows[-1])
             average = sum(accuracy.values()) / len(accuracy)
             progress.update(bar, total=progress.tasks[bar].total or 1,
                             completed=progress.tasks[bar].total or 1,
