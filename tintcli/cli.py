@@ -16,14 +16,18 @@ from tintcli.errors import Interrupted, TintError
 from tintcli.paths import CONF_DIR
 
 
-def _merge(cfg: DictConfig, console: Console) -> None:
+def _merge(cfg: DictConfig, console: Console) -> float | None:
+    """One run; returns the config's ``objective`` (what a search sweeper maximises)."""
     from hydra.core.hydra_config import HydraConfig
 
     from tintcli.recipes import merge
 
     hydra_cfg = HydraConfig.get()
-    merge.run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), console,
-              resume=_multirun())
+    if "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower():
+        merge.check_objective(cfg, searching=True)
+    payload = merge.run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task),
+                        console, resume=_multirun())
+    return merge.objective(payload, cfg)
 
 
 def _multirun() -> bool:
@@ -54,7 +58,7 @@ def _convert(cfg: DictConfig, console: Console) -> None:
 
 
 # subcommand words -> (primary config in conf/, one-line help, recipe)
-SUBCOMMANDS: dict[str, tuple[str, str, Callable[[DictConfig, Console], None]]] = {
+SUBCOMMANDS: dict[str, tuple[str, str, Callable[[DictConfig, Console], object]]] = {
     "merge": ("merge", "merge the experts and score the merged encoder on every task", _merge),
     "bench": ("bench", "time an adaptation step against a plain forward+backward", _bench),
     "zoo build": ("zoo", "build (or find cached) the benchmark zoo and check its realism",
@@ -74,7 +78,7 @@ def fail(err: TintError) -> None:
     sys.exit(err.exit_code)
 
 
-def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], None]):
+def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], object]):
     import hydra
 
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
@@ -86,11 +90,12 @@ def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], None]):
     register_resolvers()
 
     @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
-    def app(cfg: DictConfig) -> None:
+    def app(cfg: DictConfig) -> object:
         """A job never exits the process: its failure is recorded in its run directory
-        (error.json) and reported when Hydra is done, so a sweep's other jobs go on."""
+        (error.json) and reported when Hydra is done, so a sweep's other jobs go on. It returns
+        what its recipe returns (a search sweeper's objective)."""
         try:
-            recipe(cfg, Console())
+            return recipe(cfg, Console())
         except KeyboardInterrupt:
             fail(Interrupted("interrupted (Ctrl-C) before any results"))  # stops the sweep too
         except Exception as err:  # noqa: BLE001 - recorded, then reported (or re-raised)
@@ -99,6 +104,7 @@ def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], None]):
             from tintcli.tracking import record_failure
 
             FAILED.append(record_failure(err, multirun=_multirun()))
+            return None
 
     return app
 
@@ -162,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
         if argv[: len(words)] == words:
             sys.argv = [f"tint {name}", *normalize_overrides(argv[len(words):], config_name)]
             _hydra_app(config_name, recipe)()
-            if FAILED:
-                from tintcli.tracking import sweep_failure
+            from tintcli.tracking import sweep_failure
 
-                fail(sweep_failure(FAILED) or FAILED[0])
+            failure = sweep_failure() or (FAILED[0] if FAILED else None)
+            if failure is not None:
+                fail(failure)
             return 0
     known = ", ".join([*SUBCOMMANDS, "table"])
     fail(TintError(f"unknown command '{' '.join(argv[:2]) if argv[0] == 'zoo' else argv[0]}'; "

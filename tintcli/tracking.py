@@ -110,6 +110,13 @@ class ClaimRunDir(Callback):
 
         sweep_dir = Path(config.hydra.sweep.dir)
         SWEEP.update({"dir": str(sweep_dir)})
+        if "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower():
+            from tintcli.recipes.merge import check_objective
+
+            try:  # before any trial: a search that cannot choose right must not start
+                check_objective(config, searching=True)
+            except TintError as err:
+                fail(err)
         try:
             sweep_dir.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=sweep_dir):
@@ -146,12 +153,13 @@ def record_failure(err: Exception, multirun: bool) -> TintError:
     return err if isinstance(err, TintError) else TintError(first)
 
 
-def sweep_failure(failed: list[TintError]) -> TintError | None:
-    """The one error a finished sweep with failed jobs ends with (None: it was no sweep)."""
-    if not SWEEP:
+def sweep_failure() -> TintError | None:
+    """The one error a finished sweep with failed jobs ends with (None: no sweep, or none
+    failed). Its jobs may have run in other processes: their error.json files tell."""
+    firsts = SWEEP.get("errors") or []
+    if not firsts:
         return None
-    firsts = [str(e).splitlines()[0] for e in failed]
-    return TintError(f"{len(failed)} of {SWEEP.get('jobs', len(failed))} sweep jobs failed: "
+    return TintError(f"{len(firsts)} of {SWEEP.get('jobs', len(firsts))} sweep jobs failed: "
                      f"{firsts[0]}" + (f" (and {len(firsts) - 1} more)" if len(firsts) > 1
                                        else "") +
                      f"\nThe others finished. {SWEEP['dir']}/sweep.json lists every job; each "
@@ -292,7 +300,7 @@ class SweepSummary(Callback):
                 error = json.loads((folder / ERROR).read_text())
                 failed.append({"dir": str(folder), "overrides": error.get("overrides", []),
                                "error": error["error"]})
-        SWEEP.update({"jobs": len(jobs) + len(failed), "failed": len(failed)})
+        SWEEP.update({"jobs": len(jobs) + len(failed), "errors": [f["error"] for f in failed]})
         if not jobs and not failed:
             return
         seeds = over_seeds(jobs)

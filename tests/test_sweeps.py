@@ -1,0 +1,73 @@
+"""Sweeps beyond one process: the Optuna search preset chooses on validation, the submitit
+launcher (its local executor: each job a fresh process, as on a cluster node) survives a
+failing job, and the joblib launcher runs two jobs at once on a cold cache."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import TINY
+
+pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+
+SEARCH = ["+experiment=synth8_ta_search", *TINY, "tasks.validation.fraction=0.5",
+          "hydra.sweeper.n_trials=4"]
+
+
+def _trials(sweep):
+    return [json.loads((sweep / str(i) / "results.json").read_text())["rows"][-1]
+            for i in range(4)]
+
+
+def test_the_optuna_preset_picks_its_best_lambda_on_validation(run_tint, tmp_path):
+    out = run_tint("merge", *SEARCH, f"hydra.sweep.dir={tmp_path / 'a'}")
+    assert out.returncode == 0, out.stderr
+    best = yaml.safe_load((tmp_path / "a" / "optimization_results.yaml").read_text())
+    trials = _trials(tmp_path / "a")
+    by_validation = max(trials, key=lambda r: r["validation"]["average"])
+    assert best["best_value"] == by_validation["validation"]["average"]  # validation's number
+    assert best["best_params"]["method.lam"] == by_validation["params"]["lam"]
+    # seeded: the same trials again
+    again = run_tint("merge", *SEARCH, f"hydra.sweep.dir={tmp_path / 'b'}")
+    assert again.returncode == 0, again.stderr
+    assert [r["params"]["lam"] for r in _trials(tmp_path / "b")] == \
+        [r["params"]["lam"] for r in trials]
+
+
+def test_a_search_refuses_to_choose_on_test(run_tint, tmp_path):
+    out = run_tint("merge", *SEARCH, "objective.split=test", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 2
+    assert "a search chooses on validation, never on test" in out.stderr
+
+
+def test_submitit_jobs_run_in_their_own_processes_and_a_failure_is_recorded(run_tint,
+                                                                             tmp_path):
+    sweep = tmp_path / "sweep"
+    out = run_tint("merge", "-m", "+launcher=submitit_local", *TINY, "method=task_arithmetic",
+                   "method.lam=0.3,nan", f"hydra.sweep.dir={sweep}")
+    assert out.returncode == 2
+    assert "error: 1 of 2 sweep jobs failed: bad parameters for method" in out.stderr
+    assert (sweep / "0" / "results.json").exists()
+    assert "lam=nan" in json.loads((sweep / "1" / "error.json").read_text())["error"]
+    assert list(sweep.glob(".submitit/*"))  # they went through submitit
+
+
+def test_two_parallel_jobs_on_a_cold_cache_build_it_once(tmp_path):
+    """joblib runs both jobs at once in worker processes; both need the tiny zoo, which no
+    one has built: the locked cache builds each entry once and both jobs finish."""
+    cache, sweep = tmp_path / "cache", tmp_path / "sweep"
+    env = {**os.environ, "TINT_CACHE": str(cache)}
+    command = [sys.executable, "-m", "tintcli.cli", "merge", "-m", "+launcher=local_parallel",
+               *TINY, "method=task_arithmetic", "method.lam=0.3,0.7", f"hydra.sweep.dir={sweep}"]
+    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads((sweep / str(i) / "results.json").read_text())["rows"] for i in (0, 1)]
+    assert rows[0][:2] == rows[1][:2]  # the same zoo: the same zero-shot and expert rows
+    assert not list(cache.rglob("*.tmp")), "a temporary build folder was left behind"
+    assert len(list(cache.glob("zoo/*/pretrained/manifest.json"))) == 1
