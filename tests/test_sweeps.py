@@ -71,3 +71,31 @@ def test_two_parallel_jobs_on_a_cold_cache_build_it_once(tmp_path):
     assert rows[0][:2] == rows[1][:2]  # the same zoo: the same zero-shot and expert rows
     assert not list(cache.rglob("*.tmp")), "a temporary build folder was left behind"
     assert len(list(cache.glob("zoo/*/pretrained/manifest.json"))) == 1
+
+
+def test_an_installed_package_composes_the_same_config_as_the_checkout(tmp_path):
+    """A cluster node or a container has tint installed, not this source tree: the wheel
+    carries the configs (pkg://tintcli.conf), and composes exactly what the checkout does."""
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                    "--no-build-isolation", "-w", str(tmp_path / "wheel"), str(root)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "wheel").glob("tintcli-*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    show = ("import sys, tintcli; from tintcli.cli import main; print(tintcli.__file__); "
+            "main(['merge', '+tasks=vit8', '+experiment=synth8_table', '--cfg', 'job'])")
+
+    def compose(pythonpath):
+        env = {**os.environ, "PYTHONPATH": pythonpath}
+        out = subprocess.run([sys.executable, "-c", show], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.split("\n", 1)
+
+    installed_from, installed = compose(str(tmp_path / "site"))
+    checkout_from, checkout = compose(str(root))
+    assert installed_from.startswith(str(tmp_path / "site"))
+    assert installed == checkout and "hub: tanganke/sun397" in installed

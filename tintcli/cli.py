@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from tintcli.errors import Interrupted, TintError
-from tintcli.paths import CONF_DIR
+from tintcli.paths import CONF_DIR, CONF_MODULE
 
 
 def _merge(cfg: DictConfig, console: Console) -> float | None:
@@ -83,13 +83,13 @@ def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], object]
 
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
         fail(TintError(f"tint's configs are missing: no {config_name}.yaml in {CONF_DIR}\n"
-                       "Install tint from its source tree: pip install -e ."))
+                       "Reinstall tint: pip install -e ."))
 
     from tintcli.tracking import register_resolvers
 
     register_resolvers()
 
-    @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name=config_name)
+    @hydra.main(version_base="1.3", config_path=f"pkg://{CONF_MODULE}", config_name=config_name)
     def app(cfg: DictConfig) -> object:
         """A job never exits the process: its failure is recorded in its run directory
         (error.json) and reported when Hydra is done, so a sweep's other jobs go on. It returns

@@ -6,7 +6,11 @@ import os
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-CONF_DIR = PACKAGE_DIR.parent / "conf"
+# Inside the package, so an installed tint (a cluster node, a container) composes the same
+# configs as a source checkout: Hydra reads them as pkg://tintcli.conf. The checkout's
+# top-level conf/ and experiments/ are links to here.
+CONF_DIR = PACKAGE_DIR / "conf"
+CONF_MODULE = "tintcli.conf"
 
 
 def cache_dir() -> Path:
