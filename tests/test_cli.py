@@ -128,7 +128,7 @@ def test_unknown_command(run_tint):
     out = run_tint("mrege")
     assert out.returncode == 2
     assert _first_line(out) == ("error: unknown command 'mrege'; tint has: merge, bench, "
-                                "zoo build, convert")
+                                "zoo build, convert, table")
 
 
 def test_zoo_build_reports_realism(run_tint):
@@ -183,7 +183,7 @@ FAST = ["method.methods.adamerging_task.steps=2", "method.methods.adamerging.ste
 def test_adaptive_methods_over_seeds_give_mean_and_std(run_tint, tmp_path):
     sweep = tmp_path / "seeds"
     out = run_tint("merge", "-m", *TINY, "method=tinting_pp", "method.epochs=2", "seed=0,1",
-                   f"hydra.sweep.dir={sweep}")
+                   "save_merged=true", f"hydra.sweep.dir={sweep}")
     assert out.returncode == 0, out.stderr
     assert "mean ± std over seeds 0, 1" in out.stdout
     summary = json.loads((sweep / "sweep.json").read_text())
@@ -261,8 +261,10 @@ def test_a_bad_value_fails_before_any_work(run_tint, tmp_path, override, message
     assert out.returncode == 2
     assert _first_line(out) == f"error: {message}"
     assert "Traceback" not in out.stderr
-    # Hydra's own files and the run lock: no results, no partial rows
-    assert {p.name for p in run_dir.iterdir()} == {".hydra", "merge.log", ".tint-run.lock"}
+    # Hydra's own files, the run lock and the error: no results, no partial rows
+    assert {p.name for p in run_dir.iterdir()} == {".hydra", "merge.log", ".tint-run.lock",
+                                                   "error.json"}
+    assert json.loads((run_dir / "error.json").read_text())["error"] == message
 
 
 def test_bench_times_both_adaptation_steps_on_their_real_batches(run_tint, tmp_path):
@@ -353,3 +355,7 @@ def test_wandb_logs_offline_as_it_trains_without_credentials(run_tint, tmp_path,
     assert all(f"adamerging/lambda/{t}".encode() in data for t in ("signs", "digits"))
     assert b"zero-shot/average" in data and b"results" in data
     assert b"adamerging" in data  # job_type
+    # adaptive runs keep lambdas and heatmap; merged weights only with save_merged=true
+    adapted = tmp_path / "w" / "adapted" / "adamerging"
+    assert (adapted / "lambdas.safetensors").exists()
+    assert not (adapted / "merged.safetensors").exists()

@@ -99,3 +99,15 @@ def test_an_installed_package_composes_the_same_config_as_the_checkout(tmp_path)
     checkout_from, checkout = compose(str(root))
     assert installed_from.startswith(str(tmp_path / "site"))
     assert installed == checkout and "hub: tanganke/sun397" in installed
+
+
+@pytest.mark.parametrize("encoder", ["b32", "b16", "l14"])
+@pytest.mark.parametrize("count", [8, 14, 20])
+def test_each_paper_table_preset_is_its_encoder_task_set_and_every_method(encoder, count):
+    from conftest import compose_config
+
+    cfg = compose_config(overrides=[f"+experiment=paper_{encoder}_{count}"], tiny=False)
+    assert cfg.encoder.name == f"clip_vit_{encoder}" and len(cfg.tasks.names) == count
+    assert cfg.pool.kind == "hf" and cfg.pool.base == cfg.encoder.hub.base
+    assert set(cfg.method.methods) >= {"task_arithmetic", "ties", "adamerging", "tinting"}
+    assert cfg.save_merged is False

@@ -163,6 +163,11 @@ def _hf(cfg: DictConfig, tasks: list[str], encoder: nn.Module,
         tasks_cfg: DictConfig | None = None) -> FilePool:
     from tintcli.checkpoints.convert import from_hf_clip
 
+    for key in ("base", "experts"):
+        if not cfg.get(key):
+            raise TintError(f"pool.{key} is not set, and the encoder names no hub checkpoints "
+                            "(encoder.hub)\nSet pool.base and pool.experts (hub ids or "
+                            "save_pretrained folders), or use encoder=clip_vit_b32|b16|l14.")
     base = _hf_weights(str(cfg.base), "pool.base")
     experts = {t: _hf_weights(str(cfg.experts).format(task=_checkpoint_name(tasks_cfg, t, "hf")),
                               f"the expert for '{t}'") for t in tasks}

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from torch import nn
 
 from tintcli.adaptation import Adapted
+from tintcli.errors import TintError
 from tintcli.heads import ZeroShotHead
 from tintcli.io import StateDict, load_state_dict, save_state_dict
 from tintcli.plots import lambda_heatmap
@@ -24,11 +25,15 @@ MERGED, LAMBDAS, TINTS, HEATMAP = ("merged.safetensors", "lambdas.safetensors",
                                    "tints.safetensors", "lambdas.png")
 
 
-def save_adapted(adapted: Adapted, folder: Path, label: str) -> dict[str, str]:
-    """The learned lambdas, the tinted layers, the merged encoder and the lambda heatmap."""
+def save_adapted(adapted: Adapted, folder: Path, label: str,
+                 merged: bool = True) -> dict[str, str]:
+    """The learned lambdas, the tinted layers, the lambda heatmap and, with ``merged`` (a run's
+    ``save_merged=true``: an L/14 encoder is 1.2 GB per method and trial), the merged encoder."""
     meta = {"method": label, "tasks": json.dumps(adapted.tasks)}
-    files = {"merged": folder / MERGED, "lambdas": folder / LAMBDAS, "heatmap": folder / HEATMAP}
-    save_state_dict(adapted.state, files["merged"], meta)
+    files = {"lambdas": folder / LAMBDAS, "heatmap": folder / HEATMAP}
+    if merged:
+        files["merged"] = folder / MERGED
+        save_state_dict(adapted.state, files["merged"], meta)
     save_state_dict({"lambdas": adapted.lambdas}, files["lambdas"],
                     {**meta, "layers": json.dumps(adapted.layer_names),
                      "method_name": adapted.method})
@@ -64,6 +69,9 @@ def load_adapted(folder: Path, heads: Mapping[str, nn.Module]) -> Adapted:
         else:
             tints = per_task
     lambdas = load_state_dict(folder / LAMBDAS, f"the lambdas in {folder}")["lambdas"]
+    if not (folder / MERGED).is_file():
+        raise TintError(f"{folder} holds no merged encoder ({MERGED})\nRun the method again "
+                        "with save_merged=true to keep it.")
     state: StateDict = load_state_dict(folder / MERGED, f"the merged encoder in {folder}")
     return Adapted(meta.get("method_name", "adapted"), state, out_heads, tints, lambdas,
                    json.loads(meta["layers"]), tasks, {}, tinted)

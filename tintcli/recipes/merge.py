@@ -2,7 +2,8 @@
 
 Data-free methods merge state dicts; test-time adaptive ones (AdaMerging, Model Tinting)
 first learn on the tasks' unlabeled test images, and also leave their learned lambdas, tinted
-layers, merged encoder and a lambda heatmap under ``adapted/<method>/`` in the run directory.
+layers and a lambda heatmap (and, with save_merged=true, the merged encoder) under
+``adapted/<method>/`` in the run directory.
 """
 
 from __future__ import annotations
@@ -270,7 +271,8 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
                     "loss_curve": adapted.loss_curve,
                     "lambdas": {"layers": adapted.layer_names, "tasks": adapted.tasks,
                                 "values": adapted.lambdas.tolist()},
-                    "files": save_adapted(adapted, run_dir / "adapted" / key, label)}
+                    "files": save_adapted(adapted, run_dir / "adapted" / key, label,
+                                          merged=cfg.save_merged)}
             else:
                 merged = merge(method_cfg.name, bench.pretrained, bench.experts, **params)
                 accuracy = bench.score(merged)
