@@ -16,7 +16,7 @@ test: setup         ## lint, then the test suite (what CI runs)
 	$(BIN)/ruff check tintcli tests
 	$(BIN)/python -m pytest -q
 
-bench: setup        ## adaptation step time vs a plain forward+backward (not a test)
+bench: setup        ## eval throughput, adaptation step cost, memory (a benchmark, not a test)
 	$(BIN)/tint bench
 
 lint: setup
