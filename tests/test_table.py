@@ -115,3 +115,18 @@ def test_the_command_reads_folders_and_says_what_is_wrong(run_tint, tmp_path):
     missing = run_tint("table", str(tmp_path / "nowhere"))
     assert missing.returncode == 2
     assert missing.stderr.startswith(f"error: {tmp_path / 'nowhere'} does not exist")
+
+
+def test_each_setting_of_the_other_parameters_is_its_own_lambda_curve(tmp_path):
+    """TIES swept over λ at top-k 10 and at top-k 20: two curves, never one mixed up."""
+    from tintcli.recipes.table import lambda_sweeps
+
+    for top_k in (10, 20):
+        for i, lam in enumerate((0.1, 0.3, 0.5)):
+            _write(tmp_path / f"k{top_k}" / str(i),
+                   [_row("TIES", "ties", {"lam": lam, "top_k": top_k}, [top_k / 100, lam])])
+    (setting,) = gather(find_results([str(tmp_path)]))
+    curves = lambda_sweeps(setting)
+    assert set(curves) == {"ties top_k=10", "ties top_k=20"}
+    assert [p[0] for p in curves["ties top_k=10"]] == [0.1, 0.3, 0.5]
+    assert curves["ties top_k=10"][0][1] == pytest.approx((0.10 + 0.1) / 2)

@@ -22,9 +22,7 @@ def _merge(cfg: DictConfig, console: Console) -> float | None:
 
     from tintcli.recipes import merge
 
-    hydra_cfg = HydraConfig.get()
-    if "optuna" in str(hydra_cfg.sweeper.get("_target_", "")).lower():
-        merge.check_objective(cfg, searching=True)
+    hydra_cfg = HydraConfig.get()  # (a search's objective is checked before its first trial)
     payload = merge.run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task),
                         console, resume=_multirun())
     return merge.objective(payload, cfg)

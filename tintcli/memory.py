@@ -25,13 +25,19 @@ from omegaconf import DictConfig
 GiB = 1024 ** 3
 
 
-def activation_bytes(encoder_cfg: DictConfig, batch_size: int) -> int:
-    """Bytes autograd saves for the backward of one forward over ``batch_size`` images
-    (float32), counted on the meta device: each saved storage once."""
+def meta_encoder(encoder_cfg: DictConfig) -> torch.nn.Module:
+    """The encoder with shapes only: no memory, no weights."""
     from tintcli.encoders import build_encoder
 
     with torch.device("meta"):
-        encoder = build_encoder(encoder_cfg)
+        return build_encoder(encoder_cfg)
+
+
+def activation_bytes(encoder_cfg: DictConfig, batch_size: int,
+                     encoder: torch.nn.Module | None = None) -> int:
+    """Bytes autograd saves for the backward of one forward over ``batch_size`` images
+    (float32), counted on the meta device: each saved tensor once."""
+    encoder = encoder if encoder is not None else meta_encoder(encoder_cfg)
     size = int(encoder_cfg.get("image_size") or encoder_cfg.timm_kwargs.img_size)
     x = torch.empty(batch_size, 3, size, size, device="meta", requires_grad=True)
     saved: dict[int, torch.Tensor] = {}  # held, so that no id is reused while counting
@@ -44,13 +50,6 @@ def activation_bytes(encoder_cfg: DictConfig, batch_size: int) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         encoder(x)
     return sum(t.numel() * t.element_size() for t in saved.values())
-
-
-def parameter_count(encoder_cfg: DictConfig) -> int:
-    from tintcli.encoders import build_encoder
-
-    with torch.device("meta"):
-        return sum(p.numel() for p in build_encoder(encoder_cfg).parameters())
 
 
 @dataclass
@@ -70,14 +69,16 @@ def adaptation_memory(encoder_cfg: DictConfig, tasks: int, batch_size: int = 32,
                       vectors_dtype: str = "fp32", classes: int = 1000) -> MemoryModel:
     """The device memory of one layer-wise adaptation step (see the module docstring);
     ``classes``: total classes over the tasks (the experts' logits, the tinted heads)."""
-    params = parameter_count(encoder_cfg)
+    encoder = meta_encoder(encoder_cfg)
+    params = sum(p.numel() for p in encoder.parameters())
     width = int(encoder_cfg.get("num_classes") or 512)
     vector_bytes = 2 if vectors_dtype == "bf16" else 4
     terms = {
         "theta_0 (fp32)": params * 4,
         f"task vectors ({tasks} x {vectors_dtype})": tasks * params * vector_bytes,
         "merged theta + its gradient": 2 * params * 4,
-        f"activations (batch {batch_size}, fp32)": activation_bytes(encoder_cfg, batch_size),
+        f"activations (batch {batch_size}, fp32)": activation_bytes(encoder_cfg, batch_size,
+                                                                    encoder),
         "tinted heads + Adam (3 copies)": 3 * classes * width * 4,
     }
     return MemoryModel(str(encoder_cfg.name), tasks, batch_size, vectors_dtype, terms)

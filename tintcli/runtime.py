@@ -10,6 +10,7 @@ runs the forward under autocast (AMP), ``fp32`` keeps exact float32 for comparis
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -70,11 +71,16 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=PRECISIONS[self.precision])
 
+    @functools.cached_property
+    def _mean_std(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """On the device once, not copied there again for every batch."""
+        return (torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1),
+                torch.tensor(self.std, device=self.device).view(1, 3, 1, 1))
+
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 [N, H, W, 3] (any device) -> the encoder's float [N, 3, H, W] on the device."""
         images = images.to(self.device, non_blocking=True)
-        mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
+        mean, std = self._mean_std
         # NCHW contiguous, as the encoder is fastest on (a permuted view runs its conv slower)
         x = images.permute(0, 3, 1, 2).contiguous().float().div_(255)
         return (x - mean) / std

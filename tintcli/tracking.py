@@ -207,7 +207,6 @@ class Tracker:
 
     def __init__(self, run: Any = None, console: Console | None = None):
         self.run, self.console = run, console or Console(stderr=True)
-        self.steps: dict[str, int] = {}
 
     @classmethod
     def start(cls, cfg: DictConfig, run_dir: Path, overrides: list[str],
@@ -249,7 +248,6 @@ class Tracker:
             return
         metrics = {f"{method}/loss": loss, f"{method}/progress": done / max(total, 1),
                    **{f"{method}/lambda/{t}": lam for t, lam in zip(tasks, lambdas, strict=True)}}
-        self.steps[method] = self.steps.get(method, 0) + 1
         self._safely(lambda: self.run.log(metrics))
 
     def row(self, row: dict[str, Any]) -> None:

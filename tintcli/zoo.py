@@ -318,14 +318,14 @@ def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
                 **inputs, "train_data": train.digest, "test_data": test.digest}}
         folders = {t: root / "tasks" / f"{t}-{fingerprint(task_key(encoder_cfg, tasks_cfg, t))}"
                    for t in tasks}
-        stale = [t for t in tasks if cache.check(folders[t], keys[t])[0] is None]
-        if stale:
-            announce(f"{len(stale)} expert(s)")
         pretrained: StateDict | None = None
         entries = {}
         for task in tasks:
             def build_task(folder: Path, task: str = task) -> dict:
                 nonlocal pretrained
+                # said only by a process that really builds (others wait on its locks)
+                announce(f"{sum(cache.check(folders[t], keys[t])[0] is None for t in tasks)}"
+                         " expert(s)")
                 if pretrained is None:  # checked against its digest: never train from damage
                     pretrained = load_state_dict(pre.file("pretrained.safetensors"),
                                                  "the pretrained encoder", inputs["pretrained"])

@@ -216,18 +216,18 @@ def render(setting: Setting, fmt: str, per_task: bool = True) -> str | Table:
 
 
 def lambda_sweeps(setting: Setting) -> dict[str, list[tuple[float, float, float | None]]]:
-    """Per method: (lambda, test average, validation average) of rows that differ only in
-    lambda, when there are at least three."""
-    by_method: dict[str, list[tuple[float, float, float | None]]] = {}
+    """Per method and its other parameters (one curve each: TIES at top-k 10 and at 20 are
+    two): (lambda, test average, validation average) when there are at least three."""
+    curves: dict[str, list[tuple[float, float, float | None]]] = {}
     for row in setting.rows.values():
         if row.kind != "merged" or "lam" not in row.params:
             continue
-        rest = fingerprint({k: v for k, v in row.params.items() if k != "lam"})
+        rest = " ".join(f"{k}={v}" for k, v in row.params.items() if k != "lam")
         test = row.stat(lambda r: r["average"])[0]
         val = row.stat(lambda r: (r.get("validation") or {}).get("average"))[0]
-        by_method.setdefault(f"{row.method} {rest}", []).append((float(row.params["lam"]),
-                                                                 test, val))
-    return {k.split()[0]: sorted(v) for k, v in by_method.items() if len(v) >= 3}
+        curves.setdefault(f"{row.method} {rest}".strip(), []).append(
+            (float(row.params["lam"]), test, val))
+    return {name: sorted(points) for name, points in curves.items() if len(points) >= 3}
 
 
 def lambda_plot(setting: Setting, path: Path) -> bool:

@@ -131,19 +131,12 @@ def load_split(tasks_cfg: DictConfig, encoder_cfg: DictConfig, task: str, split:
                                        "take": split}}
     if limit is not None and limit < source["rows"]:
         rows = list(range(int(limit)))
-    count = len(classnames) if (classnames := _classnames(tasks_cfg, task)) else \
-        num_classes(tasks_cfg, task)
+    count = num_classes(tasks_cfg, task)
     pixels = pixel_split(f"{task}/{split}", source, opener, rows, image_column, label_column,
                          count, transform(tasks_cfg, encoder_cfg),
                          int(tasks_cfg.get("workers", 0) or 0), console)
     return TaskSplit(task, split, pixels.images, pixels.labels, count, pixels.digest,
                      {**source, "count": len(pixels)})
-
-
-def _classnames(tasks_cfg: DictConfig, task: str) -> list[str] | None:
-    if tasks_cfg.source == "hub":
-        return [str(c) for c in tasks_cfg.data[task].classnames]
-    return None
 
 
 def _synthetic(tasks_cfg: DictConfig, task: str, split: str):

@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from tintcli.cache import Entry, ensure
+from tintcli.cache import ensure
 from tintcli.errors import TintError
 from tintcli.io import fingerprint
 from tintcli.paths import cache_dir
@@ -59,7 +59,6 @@ class Pixels:
     images: torch.Tensor
     labels: torch.Tensor
     digest: str  # the entry's content digest: what every number measured on it records
-    entry: Entry
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -136,7 +135,7 @@ def pixel_split(name: str, source: dict, open_dataset: Callable[[], Any],
     images = np.load(entry.file("images.npy"), mmap_mode="c")
     labels = np.load(entry.file("labels.npy"))
     return Pixels(torch.from_numpy(images), torch.from_numpy(labels),
-                  fingerprint(entry.manifest["files"]), entry)
+                  fingerprint(entry.manifest["files"]))
 
 
 def validation_rows(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
