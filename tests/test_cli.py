@@ -335,6 +335,7 @@ def test_a_rerun_sweep_skips_finished_jobs_and_redoes_a_killed_one(run_tint, tmp
                      f"hydra.sweep.dir={sweep}")
     assert other.returncode == 2 and "holds a finished run" in other.stderr
     assert (sweep / "0" / "results.json").stat().st_mtime_ns == finished
+    assert not (sweep / "0" / "error.json").exists()  # the finished run's folder untouched
 
 
 def test_wandb_logs_offline_as_it_trains_without_credentials(run_tint, tmp_path, monkeypatch):

@@ -142,10 +142,11 @@ def record_failure(err: Exception, multirun: bool) -> TintError:
     payload = {"error": first, "details": rest, "overrides": overrides,
                "job": hydra_cfg.job.get("num"), "traceback": None if isinstance(err, TintError)
                else traceback.format_exc()}
-    try:
-        write_json(run_dir / ERROR, payload)
-    except OSError:
-        pass  # the error is still printed, and reported at the end
+    if not (run_dir / RESULTS).exists():  # a finished run's folder is never touched
+        try:
+            write_json(run_dir / ERROR, payload)
+        except OSError:
+            pass  # the error is still printed, and reported at the end
     if multirun:
         Console(stderr=True).print(f"[bold red]job {payload['job']} failed[/] "
                                    f"({' '.join(overrides) or 'no overrides'}): {first}\n"

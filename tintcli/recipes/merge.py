@@ -139,10 +139,9 @@ def check_objective(cfg: DictConfig, searching: bool = False) -> None:
                         "task of the task set")
     if searching and split == "test":
         raise TintError("a search chooses on validation, never on test: set objective.split=val")
-    if split == "val" and not (cfg.get("eval") or {}).get("validation", False):
-        if searching:
-            raise TintError("objective.split=val needs every row scored on validation\nSet "
-                            "eval.validation=true (the search presets do).")
+    if searching and split == "val" and not (cfg.get("eval") or {}).get("validation", False):
+        raise TintError("objective.split=val needs every row scored on validation\nSet "
+                        "eval.validation=true (the search presets do).")
 
 
 def objective(payload: dict, cfg: DictConfig) -> float | None:
@@ -214,19 +213,20 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
     for row in log.rows:
         tracker.row(row)
     try:
-        _run_methods(cfg, run_dir, runs, bench, log, console, tracker)
-        with console.status("checking the benchmark's realism targets"):
-            log.payload["realism"] = bench.realism()  # None for real checkpoint pools
-        log.payload["data"] = bench.data_record()  # with the validation split, if it was used
+        try:
+            _run_methods(cfg, run_dir, runs, bench, log, console, tracker)
+            with console.status("checking the benchmark's realism targets"):
+                log.payload["realism"] = bench.realism()  # None for real checkpoint pools
+            log.payload["data"] = bench.data_record()  # with validation, if it was used
+        except BaseException:
+            tracker.finish(None, run_dir, failed=True)  # W&B learns the run failed
+            raise
     except KeyboardInterrupt as err:
-        tracker.finish(None, run_dir, failed=True)
         raise Interrupted(f"interrupted (Ctrl-C)\n{log.keep(title, 'interrupted')}") from err
     except TintError as err:
-        tracker.finish(None, run_dir, failed=True)
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise type(err)(f"{err}\n{log.keep(title, first)}") from err
     except OSError as err:
-        tracker.finish(None, run_dir, failed=True)
         message = f"cannot write {err.filename or 'a file'}: {err.strerror or err}"
         raise TintError(f"{message}\n{log.keep(title, message)}") from err
     payload = {**log.payload, "duration_s": time.time() - started}

@@ -163,7 +163,7 @@ def _hub(tasks_cfg: DictConfig, task: str, split: str):
     task_cfg = tasks_cfg.data[task]
     stored = "test" if split == "test" else "train"
     folder = local_copy(task_cfg, tasks_cfg.get("data_root"))
-    dataset = open_split(task_cfg, stored, tasks_cfg.get("data_root"))
+    dataset = open_split(task_cfg, stored, folder)
     return (lambda: dataset), source_id(dataset, task_cfg, stored, folder), \
         str(task_cfg.image_column), str(task_cfg.label_column)
 

@@ -32,14 +32,14 @@ def local_copy(task_cfg: DictConfig, data_root: object) -> Path | None:
     return None
 
 
-def open_split(task_cfg: DictConfig, split: str, data_root: object = None) -> Any:
+def open_split(task_cfg: DictConfig, split: str, folder: Path | None = None) -> Any:
     """The task's ``split`` ("train" or "test": mapped through the task's ``splits``) as a
-    ``datasets.Dataset`` (memory-mapped arrow; nothing decoded yet)."""
+    ``datasets.Dataset`` (memory-mapped arrow; nothing decoded yet), from the local copy
+    ``folder`` (``local_copy``) or else the hub."""
     import datasets
 
     datasets.disable_progress_bars()
     name = str(task_cfg.splits.get(split, split))
-    folder = local_copy(task_cfg, data_root)
     if folder is not None:
         return _open_local(folder, name, str(task_cfg.name))
     hub, config = str(task_cfg.hub), task_cfg.get("hub_config")
