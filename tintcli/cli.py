@@ -102,6 +102,8 @@ def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], object]
             from tintcli.tracking import record_failure
 
             FAILED.append(record_failure(err, multirun=_multirun()))
+            if isinstance(err, Interrupted):
+                fail(err)  # Ctrl-C stops a sweep too: its other jobs do not start
             return None
 
     return app

@@ -18,7 +18,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from tintcli.errors import TintError
+from tintcli.errors import Interrupted, TintError
 from tintcli.io import write_json
 from tintcli.paths import PACKAGE_DIR
 
@@ -147,7 +147,7 @@ def record_failure(err: Exception, multirun: bool) -> TintError:
             write_json(run_dir / ERROR, payload)
         except OSError:
             pass  # the error is still printed, and reported at the end
-    if multirun:
+    if multirun and not isinstance(err, Interrupted):  # Ctrl-C ends the sweep instead
         Console(stderr=True).print(f"[bold red]job {payload['job']} failed[/] "
                                    f"({' '.join(overrides) or 'no overrides'}): {first}\n"
                                    "  the sweep goes on", soft_wrap=True, highlight=False)

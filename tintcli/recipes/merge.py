@@ -189,7 +189,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
     claim_run_dir(run_dir, cfg.overwrite, console)
     torch.manual_seed(cfg.seed)
     bench = Workbench.load(cfg, console)
-    title = f"{cfg.tasks.name} · {cfg.encoder.name} · {len(bench.tasks)} tasks"
+    title = (f"{cfg.tasks.name} · {cfg.encoder.name} · {len(bench.tasks)} tasks · "
+             f"{bench.device.type} {bench.runtime.precision}")
     log = RowLog(run_dir / PARTIAL, {
         "command": "merge",
         "overrides": overrides,
