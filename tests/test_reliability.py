@@ -95,6 +95,28 @@ def test_ctrl_c_keeps_every_finished_row(cache, tmp_path):
     assert not (run_dir / "results.json").exists()
 
 
+def test_ctrl_c_ends_a_sweep_not_only_its_job(cache, tmp_path):
+    """A sweep goes on past a failed job, but Ctrl-C is no failed job: nothing after it runs."""
+    build_zoo()
+    sweep = tmp_path / "sweep"
+    proc = tint("merge", "-m", *TINY, "method=tinting", "method.epochs=100000", "seed=0,1",
+                f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and \
+                not (sweep / "0" / "results.partial.json").exists():
+            time.sleep(0.2)
+        time.sleep(1)  # into the first job's adaptation
+        proc.send_signal(signal.SIGINT)
+        code, _, err = finish(proc)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert code == 130 and "error: interrupted (Ctrl-C)" in err
+    assert "the sweep goes on" not in err
+    assert not (sweep / "1").exists()  # the second job never started
+
+
 # ---------------------------------------------------------- 2. one run directory per run
 
 
