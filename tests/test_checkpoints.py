@@ -168,8 +168,13 @@ def test_a_class_called_with_arguments_is_refused(tmp_path):
         (tmp_path / "x.pt").write_bytes(pickle.dumps(Gadget()))
     finally:
         del sys.modules["evil.module"], sys.modules["evil"]
-    with pytest.raises(UnsafePickle, match="calls evil.module.Target"):
+    with pytest.raises(UnsafePickle, match="calls evil.module.Target") as err:
         load_pickled(tmp_path / "x.pt", "a gadget")
+    # the first line names the file and what it was for: with 20 tasks, which one to delete
+    first, hint = str(err.value).splitlines()
+    assert first == (f"{tmp_path / 'x.pt'} (a gadget) is a pickle that calls "
+                     "evil.module.Target, which tint refuses to run")
+    assert hint.startswith("tint loads no code from checkpoints")
 
 
 def tiny_hf_clip():

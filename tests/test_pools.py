@@ -8,7 +8,10 @@ expert beats zero-shot on its own task, as real ones do.
 """
 
 import copy
+import io
 import json
+import re
+import shutil
 import sys
 import types
 
@@ -189,13 +192,149 @@ def test_a_missing_expert_names_the_task_and_the_path(run_tint, tmp_path, releas
     assert "The pool has: Digits, Signs, Textures." in out.stderr
 
 
-def test_a_swapped_task_map_is_refused(run_tint, tmp_path, release):
-    args = _pool_args(release)
-    args[-1] = "pool.dirs={signs: Digits, digits: Signs, textures: Textures}"
-    out = run_tint("merge", *CLIP_TINY, *args, f"hydra.run.dir={tmp_path / 's'}")
+@pytest.fixture(scope="module")
+def swapped(tmp_path_factory, release):
+    """The release with the Signs and Digits experts in each other's folders, their heads
+    where they belong: the swap the expert-vs-zero-shot guard exists for. (A swap in
+    pool.dirs swaps the heads too, and those differ in class count: that is refused earlier,
+    by the head check below.)"""
+    root = tmp_path_factory.mktemp("swapped") / "release"
+    shutil.copytree(release, root)
+    (root / "Signs" / "finetuned.pt").rename(root / "tmp.pt")
+    (root / "Digits" / "finetuned.pt").rename(root / "Signs" / "finetuned.pt")
+    (root / "tmp.pt").rename(root / "Digits" / "finetuned.pt")
+    return root
+
+
+def test_a_swapped_task_map_is_refused(run_tint, tmp_path, swapped):
+    out = run_tint("merge", *CLIP_TINY, *_pool_args(swapped), f"hydra.run.dir={tmp_path / 's'}")
     assert out.returncode == 2
     first = out.stderr.splitlines()[0]
     assert first.startswith("error: ") and "no better than zero-shot" in first
+    assert "pool.check_experts=false makes this a warning" in out.stderr
+
+
+def test_check_experts_false_makes_a_swapped_map_a_warning(run_tint, tmp_path, swapped):
+    """For a smoke run whose tiny test split ties: the same finding, as a warning line, and
+    the run goes on to its rows."""
+    out = run_tint("merge", *CLIP_TINY, *_pool_args(swapped), "pool.check_experts=false",
+                   "method=task_arithmetic", f"hydra.run.dir={tmp_path / 'w'}")
+    assert out.returncode == 0, out.stderr
+    warnings = [line for line in out.stdout.splitlines() if line.startswith("warning: ")]
+    assert warnings and all(
+        "no better than zero-shot" in w and "(pool.check_experts=false: going on)" in w
+        for w in warnings)
+    assert any(w.startswith("warning: the expert for task 'digits' scores") for w in warnings)
+    results = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert [r["name"] for r in results["rows"]][:2] == ["zero-shot", "experts"]
+    assert len(results["rows"]) == 3 and results["pool"]["check_experts"] is False
+
+
+def test_check_experts_refuses_or_warns():
+    """The guard itself, both ways, on measured (zero-shot, expert) accuracies."""
+    from rich.console import Console
+
+    from tintcli.errors import TintError
+    from tintcli.pools import check_experts_beat_zero_shot
+
+    accuracies = {"signs": (0.40, 0.90), "digits": (0.50, 0.50)}  # digits: a tie
+    with pytest.raises(TintError) as err:
+        check_experts_beat_zero_shot(accuracies, "local")
+    assert str(err.value).splitlines()[0] == (
+        "the expert for task 'digits' scores 50.0% on its own test split, no better than "
+        "zero-shot (50.0%)")
+    console = Console(file=io.StringIO(), width=80)
+    check_experts_beat_zero_shot(accuracies, "local", refuse=False, console=console)
+    assert console.file.getvalue().splitlines() == [
+        "warning: the expert for task 'digits' scores 50.0% on its own test split, no better "
+        "than zero-shot (50.0%) (pool.check_experts=false: going on)"]
+    check_experts_beat_zero_shot({"signs": (0.4, 0.9)}, "local")  # nothing to say
+
+
+def test_every_pool_config_checks_experts_by_default():
+    for pool in ("synth", "task_vectors", "hf", "local"):
+        assert compose_config(overrides=[f"pool={pool}"]).pool.check_experts is True
+
+
+def test_an_unsafe_pickle_in_a_pool_names_the_file_and_the_task(tmp_path, release):
+    """With 20 tasks the user must know which file to delete: the first line names it and
+    what it is for (an expert, a head, the pretrained encoder); nothing in it runs."""
+    from test_checkpoints import Exploit
+
+    from tintcli.checkpoints.pickles import UnsafePickle
+    from tintcli.encoders import build_encoder
+    from tintcli.pools import open_pool
+
+    root = tmp_path / "release"
+    shutil.copytree(release, root)
+    marker = tmp_path / "pwned"
+    cfg = compose_config(overrides=[*CLIP_TINY, *_pool_args(root)], tiny=False)
+    pool = open_pool(cfg.pool, TASKS, build_encoder(cfg.encoder), cfg.encoder.name, cfg.tasks)
+    for path, what, load in (
+            (root / "Digits" / "finetuned.pt", "the expert for task 'digits'",
+             lambda: pool.expert("digits")),
+            (root / "head_Textures.pt", "the head for task 'textures'",
+             lambda: pool.head("textures")),
+            (root / "zeroshot.pt", "the pretrained encoder", pool.pretrained)):
+        torch.save({"weight": torch.zeros(2), "evil": Exploit(marker)}, path)
+        with pytest.raises(UnsafePickle) as err:
+            load()
+        lines = str(err.value).splitlines()
+        assert re.fullmatch(re.escape(f"{path} ({what}) is a pickle that asks for ")
+                            + r"(posix|os)\.system, which tint refuses to run", lines[0])
+        assert lines[1].startswith("This file may be malicious")
+    assert not marker.exists()
+
+
+def test_a_head_whose_class_count_differs_from_its_task_is_refused(run_tint, tmp_path,
+                                                                   release, hf_pool):
+    """Before any evaluation: the error names the task, both counts and where to look. The
+    classic pool.dirs swap trips it (signs has 24 classes, digits 10)."""
+    from tintcli.encoders import build_encoder
+    from tintcli.errors import TintError
+    from tintcli.pools import open_pool
+    from tintcli.tasks.synthetic import SYNTH_FAMILIES
+
+    assert SYNTH_FAMILIES["signs"].num_classes == 24 and SYNTH_FAMILIES["digits"].num_classes == 10
+    args = _pool_args(release)
+    args[-1] = "pool.dirs={signs: Digits, digits: Signs, textures: Textures}"
+    out = run_tint("merge", *CLIP_TINY, *args, f"hydra.run.dir={tmp_path / 'd'}")
+    assert out.returncode == 2
+    lines = out.stderr.splitlines()
+    assert lines[0] == ("error: the head for task 'signs' has 10 classes, but the task has 24 "
+                        "classes")
+    assert str(release / "head_Digits.pt") in lines[1] and "pool.dirs" in lines[1]
+    assert "Traceback" not in out.stderr
+
+    def first_line(overrides, task, tasks=TASKS):
+        cfg = compose_config(overrides=[*CLIP_TINY, *overrides], tiny=False)
+        pool = open_pool(cfg.pool, tasks, build_encoder(cfg.encoder), cfg.encoder.name,
+                         cfg.tasks)
+        with pytest.raises(TintError) as err:
+            pool.head(task)
+        return str(err.value).splitlines()[0]
+
+    # a real task's class names (conf/task/mnist.yaml: 10) against a 24-class head
+    assert first_line(["tasks=vit8", "tasks.names=[mnist]", "pool=task_vectors",
+                       f"pool.path={release}", "pool.dirs={mnist: Signs}"], "mnist",
+                      ["mnist"]) == (
+        "the head for task 'mnist' has 24 classes, but the task has 10 class names")
+    # a heads folder (pool.heads of an hf pool; a local pool's heads/ likewise)
+    heads = tmp_path / "heads"
+    shutil.copytree(hf_pool / "heads", heads)
+    shutil.copy(heads / "signs.safetensors", heads / "textures.safetensors")
+    hf = ["pool=hf", f"pool.base={hf_pool / 'base'}", f"pool.experts='{hf_pool}/clip_{{task}}'",
+          f"pool.heads={heads}"]
+    assert first_line(hf, "textures") == (
+        "the head for task 'textures' has 24 classes, but the task has 20 classes")
+    local = tmp_path / "local"
+    shutil.copytree(heads, local / "heads")
+    (local / "experts").mkdir()
+    for task in TASKS:
+        (local / "experts" / f"{task}.safetensors").touch()
+    (local / "pretrained.safetensors").touch()
+    assert first_line(["pool=local", f"pool.path={local}"], "textures") == (
+        "the head for task 'textures' has 24 classes, but the task has 20 classes")
 
 
 def test_an_expert_of_another_architecture_names_the_task_and_file(run_tint, tmp_path,

@@ -130,3 +130,58 @@ def test_each_setting_of_the_other_parameters_is_its_own_lambda_curve(tmp_path):
     assert set(curves) == {"ties top_k=10", "ties top_k=20"}
     assert [p[0] for p in curves["ties top_k=10"]] == [0.1, 0.3, 0.5]
     assert curves["ties top_k=10"][0][1] == pytest.approx((0.10 + 0.1) / 2)
+
+
+def test_a_damaged_results_file_is_skipped_with_a_warning_and_the_rest_printed(run_tint,
+                                                                               tmp_path):
+    """One job's results.json cut short (not JSON), another of the wrong shape: the table
+    still comes, from the good run, with one warning line naming each damaged file."""
+    _write(tmp_path / "sweep" / "0", [_row("TIES", "ties", {"lam": 0.3}, [0.7, 0.8])])
+    cut = tmp_path / "sweep" / "1" / "results.json"
+    cut.parent.mkdir()
+    cut.write_text('{"config": {"encoder": {"na')
+    shape = tmp_path / "sweep" / "2" / "results.json"
+    shape.parent.mkdir()
+    shape.write_text(json.dumps({"config": {"encoder": {"name": "clip_vit_b32"}},
+                                 "rows": "none"}))
+    out = run_tint("table", str(tmp_path / "sweep"), "--format", "md")
+    assert out.returncode == 0, out.stderr
+    assert "| TIES | 70.0 | 80.0 | 75.0 |" in out.stdout
+    warnings = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: skipped {cut}: not JSON (Unterminated string starting at: "
+                        "line 1 column 25 (char 24))",
+                        f"warning: skipped {shape}: no config.tasks.name"]
+    assert "1 results.json file(s) (2 skipped), 1 setting(s)" in out.stdout
+
+    # nothing usable left: the clear error, naming the first damaged file
+    out = run_tint("table", str(cut.parent), str(shape.parent))
+    assert out.returncode == 2
+    assert f"error: {cut} is not a tint results.json (not JSON" in out.stderr
+    assert "(and 1 more damaged)" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(("damage", "why"), [
+    (lambda r: r.update(rows=[]), "no 'rows' list, or it is empty"),
+    (lambda r: r["rows"][2].update(average="n/a"), "rows[2]: 'average' is missing or not a"),
+    (lambda r: r["rows"][2]["accuracy"].update(svhn=None), "rows[2]: 'accuracy' is missing"),
+    (lambda r: r.update(tasks="mnist"), "no 'tasks' list of task names"),
+    (lambda r: r.update(seed=[0]), "'seed' is not a number"),
+])
+def test_a_file_of_the_wrong_shape_is_skipped_whole(tmp_path, damage, why):
+    """Checked before any of its rows count: never half a file in the table, nor a crash
+    while rendering it."""
+    from rich.console import Console
+
+    _write(tmp_path / "good", [_row("TIES", "ties", {"lam": 0.3}, [0.7, 0.8])], seed=0)
+    _write(tmp_path / "bad", [_row("TIES", "ties", {"lam": 0.3}, [0.1, 0.1])], seed=1)
+    path = tmp_path / "bad" / "results.json"
+    result = json.loads(path.read_text())
+    damage(result)
+    path.write_text(json.dumps(result))
+    console, skipped = Console(file=io.StringIO(), width=300), []
+    (setting,) = gather(find_results([str(tmp_path)]), console, skipped)
+    assert [(p, w[:len(why)]) for p, w in skipped] == [(path, why)]
+    assert console.file.getvalue().startswith(f"warning: skipped {path}: {why}")
+    assert [(r["row"], r["seeds"], r["average"][0]) for r in records(setting)] == [
+        ("zero-shot", 1, pytest.approx(0.45)), ("experts", 1, pytest.approx(0.9)),
+        ("TIES", 1, pytest.approx(0.75))]

@@ -41,8 +41,24 @@ _REAL = {
 _DTYPES = {name for name in dir(torch) if isinstance(getattr(torch, name), torch.dtype)}
 
 
+_MALICIOUS = ("This file may be malicious: delete it, and do not load it with torch.load "
+              "either; get it again from the release.")
+_CODE = ("tint loads no code from checkpoints: where you trust the file, load it with "
+         "torch.load and save its state_dict() instead, or get it again from the release.")
+
+
 class UnsafePickle(TintError):
-    """The pickle asked to call something tint does not run."""
+    """The pickle asked to call something tint does not run. Raised inside the unpickler,
+    which knows only the call; ``load_pickled`` names the file and what it was for."""
+
+    def __init__(self, action: str, hint: str, where: str = "the checkpoint") -> None:
+        super().__init__(f"{where} is a pickle that {action}, which tint refuses to run\n{hint}")
+        self.action, self.hint = action, hint
+
+    def located(self, path: Path, what: str) -> UnsafePickle:
+        """The same refusal, its first line naming the file and what it was for (with 20
+        tasks the user must know which file to delete)."""
+        return UnsafePickle(self.action, self.hint, f"{path} ({what})")
 
 
 class Record:
@@ -56,9 +72,7 @@ class Record:
         return object.__new__(cls)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        raise UnsafePickle(f"the pickle calls {self._qualname}; tint loads no code from "
-                           "checkpoints\nConvert it where you trust it (tint convert), or "
-                           "save a state dict instead.")
+        raise UnsafePickle(f"calls {self._qualname}", _CODE)
 
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, tuple) and len(state) == 2:  # (dict, slots)
@@ -83,8 +97,7 @@ def _record_class(module: str, name: str) -> type:
 def _reconstructor(cls: type, base: type, state: Any) -> Any:
     """copyreg._reconstructor without calling ``base.__init__``: records only."""
     if not (isinstance(cls, type) and issubclass(cls, Record)) or base is not object:
-        raise UnsafePickle(f"the pickle rebuilds {cls!r} from {base!r}; tint loads no code "
-                           "from checkpoints")
+        raise UnsafePickle(f"rebuilds {cls!r} from {base!r}", _CODE)
     return cls.__new__(cls)
 
 
@@ -110,9 +123,7 @@ class RestrictedUnpickler(pickle.Unpickler):
         if module in ("copyreg", "builtins", "os", "posix", "nt", "subprocess", "sys",
                       "importlib", "runpy", "shutil", "socket", "pickle", "types",
                       "functools", "operator", "codecs"):
-            raise UnsafePickle(f"the checkpoint's pickle asks for {module}.{name}, which tint "
-                               "refuses to load\nThis file may be malicious; do not load it "
-                               "with torch.load either.")
+            raise UnsafePickle(f"asks for {module}.{name}", _MALICIOUS)
         return _record_class(module, name)
 
 
@@ -130,8 +141,8 @@ def load_pickled(path: Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", pickle_module=restricted,
                           weights_only=False)
-    except UnsafePickle:
-        raise
+    except UnsafePickle as err:
+        raise err.located(path, what) from None
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError,
             AttributeError, TypeError) as err:
         raise TintError(f"cannot read the checkpoint for {what}: {path} ({err})") from err

@@ -67,7 +67,8 @@ class Workbench:
                     runtime, {}, digests, cfg)
         bench.references = pool.reference_accuracies() or bench.measure_references(cfg)
         if kind != "synth":
-            check_experts_beat_zero_shot(bench.references, kind)
+            check_experts_beat_zero_shot(bench.references, kind,
+                                         bool(cfg.pool.get("check_experts", True)), console)
         return bench
 
     @property
@@ -101,7 +102,8 @@ class Workbench:
         and the test data and by what else decides them (the pool's settings, the encoder,
         device type, torch)."""
         key = {"checkpoints": self.pool.checkpoint_hashes(), "data": self.data_digests,
-               "pool": OmegaConf.to_container(cfg.pool, resolve=True),  # e.g. head templates
+               "pool": {k: v for k, v in OmegaConf.to_container(cfg.pool, resolve=True).items()
+                        if k != "check_experts"},  # e.g. head templates; not what it guards
                "encoder": OmegaConf.to_container(cfg.encoder, resolve=True),
                "device": self.device.type, "precision": self.runtime.precision,
                "torch": torch.__version__}

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tintcli.errors import TintError
@@ -118,14 +119,93 @@ def _method_key(row: dict) -> str:
     return method
 
 
-def gather(files: list[Path]) -> list[Setting]:
+class Damaged(ValueError):
+    """A results.json the table cannot use; the message says why."""
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _check_row(row: object) -> None:
+    """A row as the table reads it: a name and kind, per-task accuracies and averages."""
+    if not isinstance(row, dict):
+        raise Damaged(f"a {type(row).__name__}, not an object")
+    for key in ("name", "kind"):
+        if not isinstance(row.get(key), str):
+            raise Damaged(f"'{key}' is missing or not text")
+    if row.get("method") is not None and not isinstance(row["method"], str):
+        raise Damaged("'method' is not text")
+    if row.get("params") is not None and not isinstance(row["params"], dict):
+        raise Damaged("'params' is not an object")
+    accuracy = row.get("accuracy")
+    if not isinstance(accuracy, dict) or not all(_is_number(v) for v in accuracy.values()):
+        raise Damaged("'accuracy' is missing or not numbers per task")
+    if not _is_number(row.get("average")):
+        raise Damaged("'average' is missing or not a number")
+    if row.get("normalized_average") is not None and not _is_number(row["normalized_average"]):
+        raise Damaged("'normalized_average' is not a number")
+    validation = row.get("validation")
+    if validation is not None and not (isinstance(validation, dict) and (
+            validation.get("average") is None or _is_number(validation["average"]))):
+        raise Damaged("'validation' has no number for its average")
+
+
+def read_result(path: Path) -> dict:
+    """One results.json, its shape checked as far as the table reads it, so that a damaged
+    file is skipped whole (never half-counted, nor a crash in the middle of rendering)."""
+    try:
+        result = json.loads(path.read_text())
+    except OSError as err:
+        raise Damaged(f"cannot read it ({err.strerror or err})") from err
+    except ValueError as err:
+        raise Damaged(f"not JSON ({err})") from err
+    if not isinstance(result, dict):
+        raise Damaged(f"JSON of the wrong shape: a {type(result).__name__}, not a tint "
+                      "results object")
+    config = result.get("config")
+    if not isinstance(config, dict):
+        raise Damaged("no 'config' object")
+    for key in ("encoder", "tasks"):
+        if not isinstance(config.get(key), dict) or not isinstance(config[key].get("name"), str):
+            raise Damaged(f"no config.{key}.name")
+    pool = config.get("pool")
+    if pool is not None and not (isinstance(pool, dict)
+                                 and isinstance(pool.get("kind", "synth"), str)):
+        raise Damaged("config.pool is not an object with a kind")
+    tasks = result.get("tasks")
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, str) for t in tasks):
+        raise Damaged("no 'tasks' list of task names")
+    seed = result.get("seed")
+    if seed is not None and not isinstance(seed, int | float | str):
+        raise Damaged("'seed' is not a number")
+    if not isinstance(result.get("rows"), list) or not result["rows"]:
+        raise Damaged("no 'rows' list, or it is empty")
+    for i, row in enumerate(result["rows"]):
+        try:
+            _check_row(row)
+        except Damaged as err:
+            raise Damaged(f"rows[{i}]: {err}") from None
+    return result
+
+
+def gather(files: list[Path], console: Console | None = None,
+           skipped: list[tuple[Path, str]] | None = None) -> list[Setting]:
+    """The settings and rows of every usable file. A damaged one (cut short by a killed
+    job, edited by hand) is skipped with a warning naming it, and added to ``skipped``: one
+    bad file in a sweep of a hundred must not cost the table. None usable is an error."""
     settings: dict[tuple, Setting] = {}
+    skipped = [] if skipped is None else skipped
+    warn = console or Console(stderr=True)
     for path in files:
         try:
-            result = json.loads(path.read_text())
-            config = result["config"]
-        except (OSError, ValueError, KeyError) as err:
-            raise TintError(f"{path} is not a tint results.json ({err})") from err
+            result = read_result(path)
+        except Damaged as why:
+            skipped.append((path, str(why)))
+            warn.print(f"[yellow]warning:[/] skipped {escape(str(path))}: {escape(str(why))}",
+                       soft_wrap=True, highlight=False)
+            continue
+        config = result["config"]
         pool = (config.get("pool") or {}).get("kind", "synth")
         key = (config["encoder"]["name"], config["tasks"]["name"], pool, tuple(result["tasks"]))
         setting = settings.setdefault(key, Setting(*key[:3], list(result["tasks"])))
@@ -139,6 +219,12 @@ def gather(files: list[Path]) -> list[Setting]:
             entry = setting.rows.setdefault(row_id, Row(row["name"], row["kind"],
                                                         row.get("method"), params))
             entry.add(result.get("seed"), row)
+    if not settings and skipped:
+        path, why = skipped[0]
+        more = f" (and {len(skipped) - 1} more damaged)" if len(skipped) > 1 else ""
+        raise TintError(f"{path} is not a tint results.json ({why}){more}\nNo usable "
+                        "results are left: give the folders of finished runs or sweeps, or "
+                        "run the damaged ones again.")
     return list(settings.values())
 
 
@@ -277,7 +363,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-tasks", action="store_true", help="averages only")
     args = parser.parse_args(argv)
     files = find_results(args.paths)
-    settings = gather(files)
+    skipped: list[tuple[Path, str]] = []
+    settings = gather(files, skipped=skipped)
     console = Console()
     chunks = []
     for setting in settings:
@@ -303,5 +390,7 @@ def main(argv: list[str]) -> int:
             plot = plot.with_name(f"{plot.stem}-{i}{plot.suffix}")
         if lambda_plot(setting, plot):
             console.print(f"λ plot: {plot}")
-    console.print(f"[dim]{len(files)} results.json file(s), {len(settings)} setting(s)[/]")
+    damaged = f" ({len(skipped)} skipped)" if skipped else ""
+    console.print(f"[dim]{len(files) - len(skipped)} results.json file(s){damaged}, "
+                  f"{len(settings)} setting(s)[/]")
     return 0
