@@ -59,17 +59,40 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+DIGEST_MODES = ("memo", "full")
+_digest_mode = "memo"
+
+
+def set_digest_mode(mode: str) -> None:
+    """How ``file_sha256`` gets a digest in this process. ``memo`` (the default) trusts the
+    memo while the file's (size, mtime, inode) are unchanged, so a check costs a ``stat``; it
+    misses damage that kept all three (bytes overwritten in place and the mtime set back).
+    ``full`` hashes every file from its bytes on every call and refreshes the memo: what
+    ``tint cache verify`` uses, and what a run can ask for when it must not trust the memo."""
+    global _digest_mode
+    if mode not in DIGEST_MODES:
+        raise TintError(f"unknown digest mode '{mode}'; use one of {', '.join(DIGEST_MODES)}")
+    _digest_mode = mode
+
+
+def digest_mode() -> str:
+    """``memo`` or ``full`` (see ``set_digest_mode``)."""
+    return _digest_mode
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file, memoised by (path, size, mtime, inode) under the cache's
     ``digests/``: a 20-task checkpoint pool or a pixel cache is hashed once, not on every
-    run, and any rewrite of the file (a new mtime) is hashed again."""
+    run, and any rewrite of the file (a new mtime) is hashed again. In ``full`` digest mode
+    the memo is not read, only refreshed."""
     path = Path(path).resolve()
-    try:
-        known = json.loads(_memo(path).read_text())
-        if known["path"] == str(path) and known["stamp"] == _stamp(path):
-            return str(known["sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+    if _digest_mode == "memo":
+        try:
+            known = json.loads(_memo(path).read_text())
+            if known["path"] == str(path) and known["stamp"] == _stamp(path):
+                return str(known["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     digest = sha256_file(path)
     remember_sha256(path, digest)
     return digest

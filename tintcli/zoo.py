@@ -290,16 +290,20 @@ def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
     name = encoder_cfg.name
     announced = False
 
-    def announce(what: str) -> None:
+    def announce(what: str, folder: Path) -> None:
         nonlocal announced
         if not announced:
-            console.print(f"[bold]Building the {name} zoo[/] in {root} ({what}); it is "
-                          "cached for later runs.")
+            if cache.kept(folder):
+                console.print(f"[bold]Building the {name} zoo[/] in {root} ({what}); it is "
+                              "cached for later runs.")
+            else:
+                console.print(f"[bold]Building the {name} zoo[/] ({what}) in a temporary "
+                              "folder, for this run only.")
             announced = True
 
     with progress_bar(console) as progress:
         def build_pretrained(folder: Path) -> dict:
-            announce(f"pretrained encoder + {len(tasks)} expert(s)")
+            announce(f"pretrained encoder + {len(tasks)} expert(s)", folder)
             return _pretrain(encoder_cfg, folder, device, progress)
 
         # training on another device type or torch gives other weights: part of every key
@@ -325,7 +329,7 @@ def ensure_zoo(encoder_cfg: DictConfig, tasks_cfg: DictConfig, tasks: list[str],
                 nonlocal pretrained
                 # said only by a process that really builds (others wait on its locks)
                 announce(f"{sum(cache.check(folders[t], keys[t])[0] is None for t in tasks)}"
-                         " expert(s)")
+                         " expert(s)", folder)
                 if pretrained is None:  # checked against its digest: never train from damage
                     pretrained = load_state_dict(pre.file("pretrained.safetensors"),
                                                  "the pretrained encoder", inputs["pretrained"])

@@ -20,7 +20,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from tintcli.cache import ensure
+from tintcli.cache import ensure, kept
 from tintcli.errors import TintError
 from tintcli.io import fingerprint
 from tintcli.paths import cache_dir
@@ -114,7 +114,8 @@ def pixel_split(name: str, source: dict, open_dataset: Callable[[], Any],
         with Progress("[progress.description]{task.description}", BarColumn(),
                       MofNCompleteColumn(), TimeRemainingColumn(),
                       console=console or Console(stderr=True), transient=True) as progress:
-            bar = progress.add_task(f"caching {name} pixels", total=count)
+            doing = "caching" if kept(folder) else "decoding (for this run only)"
+            bar = progress.add_task(f"{doing} {name} pixels", total=count)
             for batch_images, batch_labels in loader:
                 images[done: done + len(batch_labels)] = batch_images
                 labels[done: done + len(batch_labels)] = batch_labels
