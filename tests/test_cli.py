@@ -128,7 +128,7 @@ def test_unknown_command(run_tint):
     out = run_tint("mrege")
     assert out.returncode == 2
     assert _first_line(out) == ("error: unknown command 'mrege'; tint has: merge, bench, "
-                                "zoo build, convert, table")
+                                "zoo build, convert, table, cache verify")
 
 
 def test_zoo_build_reports_realism(run_tint):

@@ -34,10 +34,17 @@ def cache(tmp_path, monkeypatch) -> Path:
     return path
 
 
+def _as_a_background_job() -> None:
+    """A shell without job control starts background jobs (`make test > log &` in a script,
+    `nohup tint ...`) with SIGINT ignored, and Python then installs no KeyboardInterrupt
+    handler: tint must restore it, or Ctrl-C cannot stop it. Every tint here starts so."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def tint(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.Popen([EXE, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_as_a_background_job)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
@@ -80,7 +87,7 @@ def test_ctrl_c_keeps_every_finished_row(cache, tmp_path):
             time.sleep(0.2)
         assert len(rows) >= 5, "the data-free rows never reached results.partial.json"
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
-        code, _, err = finish(proc)
+        code, _, err = finish(proc, timeout=90)  # a Ctrl-C that does not stop it fails here
     finally:
         proc.kill()  # never leave a 100000-epoch run behind
         proc.communicate()
@@ -108,13 +115,62 @@ def test_ctrl_c_ends_a_sweep_not_only_its_job(cache, tmp_path):
             time.sleep(0.2)
         time.sleep(1)  # into the first job's adaptation
         proc.send_signal(signal.SIGINT)
-        code, _, err = finish(proc)
+        code, _, err = finish(proc, timeout=90)  # a Ctrl-C that does not stop it fails here
     finally:
         proc.kill()
         proc.communicate()
     assert code == 130 and "error: interrupted (Ctrl-C)" in err
     assert "the sweep goes on" not in err
     assert not (sweep / "1").exists()  # the second job never started
+
+
+def test_sigterm_stops_like_ctrl_c_with_its_own_status(cache, tmp_path):
+    """SLURM's SIGTERM (time limit, pre-emption) killed the run on the spot: no message, no
+    error field. Now it unwinds like Ctrl-C: status 143, one line, the rows kept."""
+    build_zoo()
+    run_dir = tmp_path / "terminated"
+    proc = tint("merge", *TINY, "method=tinting", "method.epochs=100000",
+                f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    partial = run_dir / "results.partial.json"
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None and not partial.exists():
+            time.sleep(0.2)
+        time.sleep(1)  # into the adaptation
+        proc.send_signal(signal.SIGTERM)
+        code, _, err = finish(proc, timeout=90)  # a Ctrl-C that does not stop it fails here
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert code == 143
+    assert err.splitlines()[0] == "error: terminated (SIGTERM)"
+    assert f"Rows finished before this (0 method row(s)): {partial}" in err.replace("\n", "")
+    assert "Traceback" not in err
+    kept = json.loads(partial.read_text())
+    assert kept["error"] == "terminated"
+    assert [r["name"] for r in kept["rows"]] == ["zero-shot", "experts"]
+
+
+def test_ctrl_c_before_the_run_body_is_one_line_not_a_traceback(cache, tmp_path):
+    """While the zoo builds (Hydra composed, no row yet): status 130, one line that says no
+    row was finished, no KeyboardInterrupt traceback."""
+    run_dir = tmp_path / "early"
+    proc = tint("merge", *TINY, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and \
+                not (run_dir / ".hydra").exists():
+            time.sleep(0.05)
+        time.sleep(0.5)  # building the zoo (the cache is empty)
+        proc.send_signal(signal.SIGINT)
+        code, _, err = finish(proc, timeout=90)  # a Ctrl-C that does not stop it fails here
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert code == 130
+    assert err.splitlines()[:2] == ["error: interrupted (Ctrl-C)",
+                                    "  No method row was finished yet."]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
 
 
 # ---------------------------------------------------------- 2. one run directory per run
@@ -125,7 +181,7 @@ def test_two_runs_started_together_get_their_own_run_directories(cache, tmp_path
     procs = [tint("merge", *TINY, "method=weight_averaging", f"seed={seed}", cwd=tmp_path)
              for seed in (0, 1)]
     for proc in procs:
-        code, _, err = finish(proc)
+        code, _, err = finish(proc, timeout=90)  # a Ctrl-C that does not stop it fails here
         assert code == 0, err
     dirs = sorted((tmp_path / "runs" / "merge").iterdir())
     assert len(dirs) == 2
@@ -162,7 +218,7 @@ def test_cold_builds_at_once_build_once_and_leave_a_sound_cache(cache, tmp_path)
     bigger = [*TINY, "encoder.zoo.pretrain.images_per_family=1500"]
     procs = [tint("zoo", "build", *bigger, cwd=tmp_path) for _ in range(3)]
     for proc in procs:
-        code, _, err = finish(proc)
+        code, _, err = finish(proc, timeout=90)  # a Ctrl-C that does not stop it fails here
         assert code == 0, err
     assert not list(cache.rglob("*.tmp")), "a temporary build folder was left behind"
     console = Console(record=True, width=200)
@@ -310,6 +366,31 @@ def test_a_damaged_realism_verdict_is_measured_again(cache, tmp_path, capsys):
     assert again["realism"] == payload["realism"]
 
 
+def test_full_digests_catch_damage_behind_a_kept_mtime_and_results_say_which(cache, tmp_path,
+                                                                             capsys):
+    """Bytes overwritten in place with the mtime set back (`cp -p`, silent disk corruption)
+    pass the memoised check (a stat), and results.json says the digests were memoised;
+    digests=full hashes every file, catches it and rebuilds the expert."""
+    from tintcli.io import set_digest_mode
+
+    expert = build_zoo().entries["digits"].expert_file
+    stat = expert.stat()
+    with open(expert, "r+b") as f:  # same inode, same size
+        f.seek(stat.st_size - 64)
+        f.write(bytes(b ^ 0xFF for b in f.read(16)))
+    os.utime(expert, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    try:
+        memo, _ = _run_in_process(tmp_path / "memo", ["method=weight_averaging"])
+        assert memo["digests"] == "memo"
+        assert "does not match its recorded sha256" not in "".join(capsys.readouterr())
+        full, _ = _run_in_process(tmp_path / "full", ["method=weight_averaging", "digests=full"])
+    finally:
+        set_digest_mode("memo")  # the process-wide default, for the tests after this one
+    assert full["digests"] == "full"
+    assert "rebuilding the expert for 'digits': expert.safetensors does not match its " \
+        "recorded sha256" in "".join(capsys.readouterr()).replace("\n", "")
+
+
 def test_a_read_only_cache_still_gives_the_results(cache, tmp_path, monkeypatch, capsys):
     """Root ignores file modes, so the read-only cache is made by refusing its locks."""
     build_zoo()
@@ -391,6 +472,8 @@ def test_a_rerun_keeps_an_interrupted_runs_rows(cache, tmp_path):
      "bad parameters for method 'ties': top_k=150 must be a percentage in [0, 100]"),
     ("tasks.test_size=-5", "tasks.test_size=-5 must be a whole number >= 1"),
     ("tasks.seed=0.5", "tasks.seed=0.5 must be a whole number >= 0"),
+    # a mandatory setting left unset (???): OmegaConf raised MissingMandatoryValue in the run
+    ("pool=local", "pool.path is not set"),
 ])
 def test_bad_values_fail_in_one_line_before_the_zoo_loads(cache, tmp_path, override, message):
     code, _, err = finish(tint("merge", *TINY, *override.split(),

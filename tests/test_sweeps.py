@@ -113,3 +113,39 @@ def test_each_paper_table_preset_is_its_encoder_task_set_and_every_method(encode
     assert cfg.pool.kind == "hf" and cfg.pool.base == cfg.encoder.hub.base
     assert set(cfg.method.methods) >= {"task_arithmetic", "ties", "adamerging", "tinting"}
     assert cfg.save_merged is False
+
+
+def _job(folder, overrides, seed, average):
+    folder.mkdir(parents=True)
+    row = {"name": "ties", "kind": "merged", "average": average, "normalized_average": average,
+           "accuracy": {"digits": average}}
+    (folder / "results.json").write_text(json.dumps(
+        {"overrides": overrides, "seed": seed, "tasks": ["digits"], "rows": [row]}))
+
+
+def test_a_reused_sweep_folder_summarises_only_this_sweeps_jobs(tmp_path):
+    """`top_k=20,150,10` and then `top_k=20,10 seed=0,1` into one folder: the old job 2
+    (top_k=10, seed 0, left by the first sweep) was put into the new summary and averaged
+    with job 2 of the new sweep as if a second seed. Only the new sweep's own jobs count."""
+    from omegaconf import OmegaConf
+
+    from tintcli.tracking import SweepSummary
+
+    sweep = tmp_path / "sweep"
+    new = [("method.top_k=20", 0), ("method.top_k=20", 1), ("method.top_k=10", 0),
+           ("method.top_k=10", 1)]
+    for num, (top_k, seed) in enumerate(new):
+        _job(sweep / str(num), [top_k, f"seed={seed}"], seed, 0.5 + num / 10)
+    _job(sweep / "4", ["method.top_k=10", "seed=0"], 0, 0.1)  # an earlier sweep's job 4
+    config = OmegaConf.create({"hydra": {
+        "sweep": {"dir": str(sweep)},
+        "sweeper": {"_target_": "hydra._internal.core_plugins.basic_sweeper.BasicSweeper",
+                    "params": None},
+        "overrides": {"task": ["method.top_k=20,10", "seed=0,1"]}}})
+    SweepSummary().on_multirun_end(config)
+    summary = json.loads((sweep / "sweep.json").read_text())
+    assert [job["dir"] for job in summary["jobs"]] == [str(sweep / str(n)) for n in range(4)]
+    assert [o["dir"] for o in summary["not_part_of_sweep"]] == [str(sweep / "4")]
+    top_10 = next(g for g in summary["over_seeds"] if g["overrides"] == ["method.top_k=10"])
+    assert top_10["seeds"] == [0, 1]
+    assert top_10["rows"][0]["average"]["mean"] == pytest.approx((0.7 + 0.8) / 2)

@@ -4,16 +4,19 @@ expect; this module only picks the app and turns TintErrors into one clear messa
 
 from __future__ import annotations
 
+import importlib
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
-from rich.console import Console
-from rich.markup import escape
-
-from tintcli.errors import Interrupted, TintError
+from tintcli.errors import Interrupted, TintError, install_stop_handlers, stops_deferred
 from tintcli.paths import CONF_DIR, CONF_MODULE
+
+if TYPE_CHECKING:  # the rest is imported when used: Ctrl-C is tint's from its first moment
+    from omegaconf import DictConfig
+    from rich.console import Console
 
 
 def _merge(cfg: DictConfig, console: Console) -> float | None:
@@ -68,12 +71,27 @@ SUBCOMMANDS: dict[str, tuple[str, str, Callable[[DictConfig, Console], object]]]
 def fail(err: TintError) -> None:
     """Print a TintError as `error: <first line>` plus its hints, and exit (status 2; 130
     after Ctrl-C)."""
+    from rich.console import Console
+    from rich.markup import escape
+
     first, *rest = str(err).splitlines() or ["unknown error"]
     console = Console(stderr=True, highlight=False)
     console.print("[bold red]error:[/] " + escape(first), soft_wrap=True)  # one line, unwrapped
     for line in rest:
         console.print(f"  {escape(line)}", soft_wrap=True)
     sys.exit(err.exit_code)
+
+
+def stopped(err: Interrupted) -> None:
+    """End a job that Ctrl-C or SIGTERM stopped. A parallel launcher's worker process (one
+    that never ran ``main``) leaves the message to the process the user started, which was
+    stopped too and says where every job's rows are."""
+    if IN_MAIN:
+        fail(err)
+    sys.exit(err.exit_code)
+
+
+IN_MAIN = False  # this process runs `tint` (not a launcher's worker that runs its jobs)
 
 
 def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], object]):
@@ -91,11 +109,18 @@ def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], object]
     def app(cfg: DictConfig) -> object:
         """A job never exits the process: its failure is recorded in its run directory
         (error.json) and reported when Hydra is done, so a sweep's other jobs go on. It returns
-        what its recipe returns (a search sweeper's objective)."""
+        what its recipe returns (a search sweeper's objective). Ctrl-C and SIGTERM are no
+        failed job: they stop the sweep too."""
+        from hydra.core.hydra_config import HydraConfig
+
+        RUN_DIRS.append(Path(HydraConfig.get().runtime.output_dir))
+        from rich.console import Console
+
         try:
+            check_settings_set(cfg)
             return recipe(cfg, Console())
-        except KeyboardInterrupt:
-            fail(Interrupted("interrupted (Ctrl-C) before any results"))  # stops the sweep too
+        except KeyboardInterrupt as stop:  # before the recipe could say where its rows are
+            stopped(Interrupted.by(stop, rows_kept()))
         except Exception as err:  # noqa: BLE001 - recorded, then reported (or re-raised)
             if not isinstance(err, TintError) and not _multirun():
                 raise  # a bug in a single run: its traceback, as usual
@@ -103,12 +128,81 @@ def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], object]
 
             FAILED.append(record_failure(err, multirun=_multirun()))
             if isinstance(err, Interrupted):
-                fail(err)  # Ctrl-C stops a sweep too: its other jobs do not start
+                stopped(err)  # Ctrl-C stops a sweep too: its other jobs do not start
             return None
 
     return app
 
 
+def check_settings_set(cfg: DictConfig) -> None:
+    """Every mandatory setting (``???`` in its YAML) the user left unset is one line naming
+    it and what to put there (the YAML's comment on it), before any work; OmegaConf would
+    otherwise raise deep inside the run."""
+    from omegaconf import OmegaConf
+
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        hints = [f"Pass {key}=... on the command line" + (f" ({hint})." if (hint := _hint(key))
+                                                           else ".") for key in missing]
+        raise TintError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set\n"
+                        + "\n".join(hints))
+
+
+def _hint(key: str) -> str | None:
+    """The comment on ``key: ???`` in the YAML that Hydra took it from (the config group's
+    chosen option, or the primary config)."""
+    import re
+
+    from hydra.core.hydra_config import HydraConfig
+
+    group, _, leaf = key.rpartition(".")
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    name = HydraConfig.get().job.config_name if HydraConfig.initialized() else None
+    candidates = [CONF_DIR / group.replace(".", "/") / f"{choices.get(group)}.yaml"] \
+        if group else [CONF_DIR / f"{name}.yaml"]
+    for path in candidates:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        found = re.search(rf"^\s*{re.escape(leaf)}:\s*['\"]?\?\?\?['\"]?\s*#\s*(.+)$", text,
+                          re.MULTILINE)
+        if found:
+            return found.group(1).strip()
+    return None
+
+
+def rows_kept() -> str:
+    """Where a stopped process's finished rows are: in the run directories its jobs started
+    and, in a sweep, every job folder (a parallel launcher's jobs ran in other processes),
+    a run's results or its partial rows; or that there are none yet."""
+    from tintcli.paths import PARTIAL, RESULTS
+
+    tracking = sys.modules.get("tintcli.tracking")  # not imported here: torch may be half-loaded
+    sweep_dir = tracking.SWEEP.get("dir") if tracking is not None else None
+    dirs = list(RUN_DIRS)
+    if sweep_dir and Path(sweep_dir).is_dir():
+        dirs += sorted(p for p in Path(sweep_dir).iterdir() if p.is_dir() and p not in dirs)
+    found = []
+    for run_dir in dirs:
+        for name in (RESULTS, PARTIAL):
+            try:
+                rows = json.loads((run_dir / name).read_text())["rows"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            merged = sum(isinstance(r, dict) and r.get("kind") == "merged" for r in rows)
+            if merged:
+                found.append(f"{run_dir / name} ({merged} method row(s))")
+            break
+    if not found:
+        return "No method row was finished yet" + (f" (the sweep: {sweep_dir})." if sweep_dir
+                                                    else ".")
+    if len(found) > 3:
+        return f"Rows finished before this: {len(found)} runs under {sweep_dir}"
+    return "Rows finished before this: " + ", ".join(found)
+
+
+RUN_DIRS: list[Path] = []  # the run directories this process's jobs started, in order
 FAILED: list[TintError] = []  # this process's failed jobs, reported once Hydra returns
 
 
@@ -116,6 +210,8 @@ def usage() -> str:
     lines = ["usage: tint <command> [hydra overrides and flags]", "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_, _) in SUBCOMMANDS.items()]
     lines += [f"  {'table':<10} the paper's tables from results.json files (tint table --help)"]
+    lines += [f"  {'cache':<10} re-hash the cache's entries; --fix removes damaged ones "
+              "(tint cache verify --help)"]
     lines += ["", "Each command is a Hydra app: `tint merge --help` lists its config groups;",
               "`tint merge +tasks=vit8` and `tint merge tasks=vit8` both pick a task set;",
               "`tint merge method=ties method.lam=0.5`, `tint merge -m method.lam=0.1,0.3`,",
@@ -152,7 +248,17 @@ def normalize_overrides(args: list[str], config_name: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    global IN_MAIN
+    IN_MAIN = True
+    install_stop_handlers()
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt as stop:  # imports, composing, between jobs, a parallel sweep
+        fail(Interrupted.by(stop, rows_kept()))
+    return 130
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
@@ -163,9 +269,18 @@ def main(argv: list[str] | None = None) -> int:
             return table.main(argv[1:])
         except TintError as err:
             fail(err)
+    if argv[0] == "cache":  # checks the cache, runs nothing: plain arguments, not a Hydra app
+        from tintcli.recipes import cache
+
+        try:
+            return cache.main(argv[1:])
+        except TintError as err:
+            fail(err)
     for name, (config_name, _, recipe) in SUBCOMMANDS.items():
         words = name.split()
         if argv[: len(words)] == words:
+            with stops_deferred():  # a Ctrl-C inside torch's C++ import would abort the process
+                importlib.import_module(f"tintcli.recipes.{config_name}")
             sys.argv = [f"tint {name}", *normalize_overrides(argv[len(words):], config_name)]
             _hydra_app(config_name, recipe)()
             from tintcli.tracking import sweep_failure
@@ -174,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             if failure is not None:
                 fail(failure)
             return 0
-    known = ", ".join([*SUBCOMMANDS, "table"])
+    known = ", ".join([*SUBCOMMANDS, "table", "cache verify"])
     fail(TintError(f"unknown command '{' '.join(argv[:2]) if argv[0] == 'zoo' else argv[0]}'; "
                    f"tint has: {known}\nRun `tint --help` for usage."))
     return 2

@@ -1,4 +1,10 @@
-"""The exceptions a user ever sees from tint."""
+"""The exceptions a user ever sees from tint, and the signals that stop a run."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class TintError(Exception):
@@ -12,6 +18,51 @@ class TintError(Exception):
 
 
 class Interrupted(TintError):
-    """Ctrl-C: the run stopped, and its message says where the finished rows are."""
+    """Ctrl-C or SIGTERM: the run stopped, and its message says where the finished rows are."""
 
     exit_code = 130  # 128 + SIGINT, as shells report it
+
+    @classmethod
+    def by(cls, stop: BaseException, where: str) -> Interrupted:
+        """The error for a stop (a KeyboardInterrupt, or its ``Terminated`` kind), with
+        ``where`` (the lines saying where the finished rows are) below its first line."""
+        terminated = isinstance(stop, Terminated)
+        err = cls(("terminated (SIGTERM)" if terminated else "interrupted (Ctrl-C)")
+                  + (f"\n{where}" if where else ""))
+        err.exit_code = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
+        return err
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM sends at a job's time limit or on pre-emption, and ``kill``):
+    raised like Ctrl-C's KeyboardInterrupt, so every path that keeps rows on Ctrl-C keeps
+    them on SIGTERM too."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def install_stop_handlers() -> None:
+    """Ctrl-C and SIGTERM stop tint however it was started. A process started with SIGINT
+    ignored (a background job of a shell without job control, ``nohup``) inherits that, and
+    Python then never installs its KeyboardInterrupt handler: tint restores it. SIGTERM,
+    which would kill the process on the spot, unwinds like Ctrl-C instead."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminate)
+
+
+@contextmanager
+def stops_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back while C++ extensions load (a KeyboardInterrupt raised
+    inside torch's import aborts the process with a C++ error), then stop as they asked."""
+    pending: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if pending:
+        raise Terminated() if pending[0] == signal.SIGTERM else KeyboardInterrupt()

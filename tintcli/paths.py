@@ -12,6 +12,11 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 CONF_DIR = PACKAGE_DIR / "conf"
 CONF_MODULE = "tintcli.conf"
 
+# A run directory's records (light names: a Ctrl-C during the first imports reads them too)
+RESULTS = "results.json"
+ERROR = "error.json"  # a failed job's error, in its own run directory
+PARTIAL = "results.partial.json"  # every finished row, flushed as each method ends
+
 
 def cache_dir() -> Path:
     """``$TINT_CACHE``, else ``$XDG_CACHE_HOME/tint``, else ``~/.cache/tint``."""

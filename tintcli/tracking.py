@@ -9,6 +9,7 @@ import secrets
 import statistics
 import subprocess
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,9 @@ from rich.console import Console
 
 from tintcli.errors import Interrupted, TintError
 from tintcli.io import write_json
-from tintcli.paths import PACKAGE_DIR
+from tintcli.paths import ERROR, PACKAGE_DIR, PARTIAL, RESULTS
 
-RESULTS = "results.json"
-ERROR = "error.json"  # a failed job's error, in its own run directory
 SWEEP: dict[str, Any] = {}  # this process's multirun: its folder, and jobs and failures
-PARTIAL = "results.partial.json"  # every finished row, flushed as each method ends
 _PACKAGES = ("tintcli", "torch", "timm", "datasets", "hydra-core", "omegaconf", "safetensors",
              "numpy")
 
@@ -59,11 +57,12 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("tint_run_id", lambda: RUN_ID)
 
 
-def claim_run_dir(run_dir: Path, overwrite: bool, console: Console | None = None) -> None:
+def claim_run_dir(run_dir: Path, overwrite: bool, console: Console | None = None
+                  ) -> Path | None:
     """Make ``run_dir`` this run's, before any work, or say why it cannot be: it must be
     writable, no other tint run may be using it (a lock held until this process ends), and a
     finished run's results are replaced only with ``overwrite=true``. Rows an interrupted run
-    left there are kept, renamed, never deleted."""
+    left there are kept, renamed, never deleted; returns where (None: there were none)."""
     run_dir = Path(run_dir).resolve()
     if run_dir not in _CLAIMED:
         try:
@@ -91,6 +90,11 @@ def claim_run_dir(run_dir: Path, overwrite: bool, console: Console | None = None
         partial.rename(kept)
         (console or Console(stderr=True)).print(
             f"[yellow]note:[/] an earlier run's unfinished rows are kept as {kept.name}")
+        _KEPT[run_dir] = kept
+    return _KEPT.get(run_dir)
+
+
+_KEPT: dict[Path, Path] = {}  # run directory -> where its earlier run's rows were kept
 
 
 class ClaimRunDir(Callback):
@@ -109,7 +113,7 @@ class ClaimRunDir(Callback):
         from tintcli.cli import fail
 
         sweep_dir = Path(config.hydra.sweep.dir)
-        SWEEP.update({"dir": str(sweep_dir)})
+        SWEEP.update({"dir": str(sweep_dir), "started": time.time()})
         if "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower():
             from tintcli.recipes.merge import check_objective
 
@@ -226,12 +230,16 @@ class Tracker:
             return wandb.init(project=wcfg.project, entity=wcfg.entity, mode=mode,
                               dir=str(run_dir), group=_sweep_group(),
                               job_type=method, name=name[:120] or run_dir.name,
-                              config=OmegaConf.to_container(cfg, resolve=True), reinit=True)
+                              config=OmegaConf.to_container(cfg, resolve=True),
+                              reinit="finish_previous",  # a sweep's next job, one process
+                              settings=wandb.Settings(silent=True))  # tint says where it is
 
         tracker.run = tracker._safely(init)
         if tracker.run is not None and mode == "offline":
             tracker.console.print(f"W&B: offline (no credentials found); to upload: wandb sync "
                                   f"{run_dir / 'wandb'}/offline-run-*", soft_wrap=True)
+        elif tracker.run is not None:
+            tracker.console.print(f"W&B: {tracker.run.url}", soft_wrap=True)
         return tracker
 
     def _safely(self, fn) -> Any:
@@ -282,29 +290,32 @@ class Tracker:
 
 class SweepSummary(Callback):
     """After a multirun, print one table of every job's averages and write sweep.json; jobs
-    that differ only in ``seed`` are also aggregated into mean ± std per method."""
+    that differ only in ``seed`` are also aggregated into mean ± std per method. Only this
+    sweep's own jobs count: results an earlier sweep left in the same folder are listed apart
+    ("not part of this sweep") and never averaged in."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        jobs, failed = [], []
+        expected = sweep_jobs(config)
+        jobs, failed, others = [], [], []
         folders = sorted({p.parent for name in (RESULTS, ERROR)
                           for p in sweep_dir.glob(f"*/{name}")}, key=_job_num)
         for folder in folders:
-            if (folder / RESULTS).exists():
-                result = json.loads((folder / RESULTS).read_text())
-                jobs.append({"dir": str(folder), "overrides": result.get("overrides", []),
-                             "seed": result.get("seed"), "tasks": result["tasks"],
-                             "rows": result["rows"]})
+            record = _job_record(folder)
+            if record is None:
+                continue
+            if not _of_this_sweep(record, folder, expected):
+                others.append(record)
+            elif "error" in record:
+                failed.append(record)
             else:
-                error = json.loads((folder / ERROR).read_text())
-                failed.append({"dir": str(folder), "overrides": error.get("overrides", []),
-                               "error": error["error"]})
+                jobs.append(record)
         SWEEP.update({"jobs": len(jobs) + len(failed), "errors": [f["error"] for f in failed]})
-        if not jobs and not failed:
+        if not jobs and not failed and not others:
             return
         seeds = over_seeds(jobs)
         write_json(sweep_dir / "sweep.json", {"jobs": jobs, "failed": failed,
-                                              "over_seeds": seeds})
+                                              "over_seeds": seeds, "not_part_of_sweep": others})
         from tintcli.report import failed_table, seeds_table, sweep_table
 
         console = Console()
@@ -314,6 +325,55 @@ class SweepSummary(Callback):
             console.print(failed_table(failed))
         for group in seeds:
             console.print(seeds_table(group, console.width))
+        if others:
+            console.print(f"[yellow]not part of this sweep[/] (left in {sweep_dir} by an earlier "
+                          "sweep; not summarised): " + ", ".join(
+                              f"{Path(o['dir']).name} ({' '.join(o['overrides']) or '-'})"
+                              for o in others), soft_wrap=True)
+
+
+def sweep_jobs(config: DictConfig) -> list[frozenset[str]] | None:
+    """The override sets of this sweep's jobs in job-number order, as Hydra's basic sweeper
+    expands its parameter list (``hydra.sweeper.params`` and the command line); None for a
+    search sweeper, whose trials are not known in advance."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper"):
+        return None
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+    overrides = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    return [frozenset(job) for batch in BasicSweeper.split_arguments(overrides, None)
+            for job in batch]
+
+
+def _job_record(folder: Path) -> dict[str, Any] | None:
+    """A job folder's results (or its error), as the summary lists it; None if unreadable."""
+    try:
+        if (folder / RESULTS).exists():
+            result = json.loads((folder / RESULTS).read_text())
+            return {"dir": str(folder), "overrides": result.get("overrides", []),
+                    "seed": result.get("seed"), "tasks": result["tasks"], "rows": result["rows"]}
+        error = json.loads((folder / ERROR).read_text())
+        return {"dir": str(folder), "overrides": error.get("overrides", []),
+                "error": error["error"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        Console(stderr=True).print(f"[yellow]warning:[/] skipped {folder}: its results are "
+                                   "not readable", soft_wrap=True)
+        return None
+
+
+def _of_this_sweep(record: dict[str, Any], folder: Path,
+                   expected: list[frozenset[str]] | None) -> bool:
+    """Job n of the basic sweeper's list, with job n's overrides (a folder named otherwise:
+    any job's); for a search, a job written since it started."""
+    overrides = frozenset(record["overrides"])
+    if expected is not None:
+        if folder.name.isdigit():
+            return int(folder.name) < len(expected) and expected[int(folder.name)] == overrides
+        return overrides in expected
+    written = max(p.stat().st_mtime for p in (folder / RESULTS, folder / ERROR) if p.exists())
+    return written >= SWEEP.get("started", 0)
 
 
 def over_seeds(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:

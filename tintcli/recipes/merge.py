@@ -19,8 +19,8 @@ from rich.console import Console
 
 from tintcli.adaptation.saved import save_adapted
 from tintcli.encoders import build_encoder, resolve_device
-from tintcli.errors import Interrupted, TintError
-from tintcli.io import save_state_dict, write_json
+from tintcli.errors import Interrupted, Terminated, TintError
+from tintcli.io import DIGEST_MODES, digest_mode, save_state_dict, set_digest_mode, write_json
 from tintcli.methods import adapt, check_parameters, get_method, merge
 from tintcli.recipes.common import Workbench
 from tintcli.report import progress_bar, realism_text, results_table
@@ -68,6 +68,11 @@ def check_run_config(cfg: DictConfig) -> None:
     resolve_precision(cfg.get("precision", "auto"), resolve_device(cfg.device))
     if str(cfg.get("vectors_dtype", "fp32")) not in ("fp32", "bf16"):
         raise TintError(f"vectors_dtype={cfg.vectors_dtype} must be fp32 or bf16")
+    if str(cfg.get("digests", "memo")) not in DIGEST_MODES:
+        raise TintError(f"digests={cfg.digests} must be memo or full")
+    every = cfg.get("checkpoint_every", 100)
+    if not (isinstance(every, int) and not isinstance(every, bool) and every >= 0):
+        raise TintError(f"checkpoint_every={every} must be a whole number >= 0 (0: never)")
     for key in ("batch_size", "workers"):
         value = (cfg.get("eval") or {}).get(key, 1)
         if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0
@@ -186,7 +191,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
     check_image_size(architecture, cfg.tasks, cfg.encoder)
     for _, _, method_cfg in runs:
         check_parameters(method_cfg.name, _params(method_cfg), architecture)
-    claim_run_dir(run_dir, cfg.overwrite, console)
+    earlier = rows_to_resume(claim_run_dir(run_dir, cfg.overwrite, console), cfg)
+    set_digest_mode(str(cfg.get("digests", "memo")))
     torch.manual_seed(cfg.seed)
     bench = Workbench.load(cfg, console)
     title = (f"{cfg.tasks.name} · {cfg.encoder.name} · {len(bench.tasks)} tasks · "
@@ -201,6 +207,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
         "versions": versions(),
         "pool": OmegaConf.to_container(cfg.pool, resolve=True) if "pool" in cfg else None,
         "checkpoints": bench.pool.checkpoint_hashes(),
+        "digests": digest_mode(),  # memo: trusted while (size, mtime, inode) held; full: hashed
         "task_set": describe(cfg.tasks),
         "data": bench.data_record(),
         # every row's numbers are on test; anything chosen (a best λ) is chosen on val
@@ -210,20 +217,22 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
         "rows": bench.reference_rows(),
         "started_at": started,
     }, console)
-    tracker = Tracker.start(cfg, run_dir, overrides, console)
-    for row in log.rows:
-        tracker.row(row)
+    tracker = Tracker(console=console)
     try:
         try:
-            _run_methods(cfg, run_dir, runs, bench, log, console, tracker)
+            tracker = Tracker.start(cfg, run_dir, overrides, console)
+            for row in log.rows:
+                tracker.row(row)
+            _run_methods(cfg, run_dir, runs, bench, log, console, tracker, earlier)
             with console.status("checking the benchmark's realism targets"):
                 log.payload["realism"] = bench.realism()  # None for real checkpoint pools
             log.payload["data"] = bench.data_record()  # with validation, if it was used
         except BaseException:
             tracker.finish(None, run_dir, failed=True)  # W&B learns the run failed
             raise
-    except KeyboardInterrupt as err:
-        raise Interrupted(f"interrupted (Ctrl-C)\n{log.keep(title, 'interrupted')}") from err
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (errors.Terminated)
+        why = "terminated" if isinstance(stop, Terminated) else "interrupted"
+        raise Interrupted.by(stop, log.keep(title, why)) from stop
     except TintError as err:
         first = (str(err).splitlines() or [type(err).__name__])[0]
         raise type(err)(f"{err}\n{log.keep(title, first)}") from err
@@ -246,13 +255,39 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
     return payload
 
 
+def rows_to_resume(kept: Path | None, cfg: DictConfig) -> dict[str, dict]:
+    """The method rows an interrupted run of this very config left in this run directory
+    (a requeued SLURM job, a rerun after Ctrl-C), by label: they are not computed again."""
+    try:
+        earlier = json.loads(kept.read_text()) if kept is not None else {}
+    except (OSError, ValueError):
+        return {}
+    config = earlier.get("config") if isinstance(earlier, dict) else None
+    if not isinstance(config, dict) or {**config, "overwrite": False} != _resumable(cfg):
+        return {}
+    return {row["name"]: row for row in earlier.get("rows", [])
+            if isinstance(row, dict) and row.get("kind") == "merged" and "name" in row}
+
+
+def _resumable(cfg: DictConfig) -> dict:
+    """The resolved config as a resumed run must match it (``overwrite`` aside)."""
+    return {**OmegaConf.to_container(cfg, resolve=True), "overwrite": False}
+
+
 def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, DictConfig]],
-                 bench: Workbench, log: RowLog, console: Console, tracker: Tracker) -> None:
+                 bench: Workbench, log: RowLog, console: Console, tracker: Tracker,
+                 earlier: dict[str, dict]) -> None:
     context = None  # one per run, so the experts' outputs are computed once for all methods
     validation = bool((cfg.get("eval") or {}).get("validation", False))
     with progress_bar(console) as progress:
         for key, label, method_cfg in runs:
             bar = progress.add_task(label, total=None, info="")
+            if label in earlier:  # finished before the run was stopped: kept, not redone
+                log.add(earlier[label])
+                tracker.row(log.rows[-1])
+                progress.update(bar, total=1, completed=1,
+                                info=f"avg {100 * earlier[label]['average']:.1f}% (resumed)")
+                continue
             params = _params(method_cfg)
             method = get_method(method_cfg.name)  # parameters were checked before loading
             extra: dict[str, Any] = {}
@@ -263,6 +298,13 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
                     tracker.step(key, done, total, loss, lambdas, bench.tasks)
 
                 context.on_step = on_step
+                # a stopped run (SLURM's time limit, Ctrl-C) resumes from its last checkpoint
+                every = int(cfg.get("checkpoint_every", 100))
+                context.checkpoint_dir = run_dir / "checkpoints" / key if every else None
+                context.checkpoint_every = every or 1
+                context.checkpoint_key = {"config": _resumable(cfg),
+                                          "checkpoints": bench.pool.checkpoint_hashes()}
+                context.console = console
                 adapted = adapt(method_cfg.name, bench.pretrained, bench.experts, context,
                                 **params)
                 accuracy = bench.score_adapted(adapted)
