@@ -16,6 +16,9 @@ TINY = ["encoder=synth_vit_tiny", "tasks=synth_tiny"]
 
 
 def compose_config(name: str = "merge", overrides: list[str] | None = None, tiny: bool = True):
+    from tintcli.methods import register_configs
+
+    register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(name, overrides=[*(TINY if tiny else []), *(overrides or [])])
 

@@ -313,7 +313,7 @@ def test_scoring_an_adapted_model_uses_each_tasks_tinted_head_and_entries(bench)
     tints = {"signs": {"norm.bias": state["norm.bias"] + 1.0}}
     adapted = Adapted("tinting", state, heads, tints, torch.zeros(1, 3), ["all"], bench.tasks,
                       {}, "norm")
-    scores = bench.score_adapted(adapted)
+    scores = bench.score_merged(adapted)
     encoder = bench.encoder
     for task in bench.tasks:
         split = bench.test_data[task]
@@ -339,7 +339,7 @@ def test_a_saved_adapted_model_loads_back_with_the_same_accuracies(bench, tmp_pa
     loaded = load_adapted(tmp_path, bench.heads)
     assert loaded.tasks == adapted.tasks and loaded.tinted == tint
     assert torch.equal(loaded.lambdas, adapted.lambdas)
-    assert bench.score_adapted(loaded) == bench.score_adapted(adapted)
+    assert bench.score_merged(loaded) == bench.score_merged(adapted)
     if tint == "head":  # the tinted heads, not the zero-shot ones, came back
         assert set(files) >= {"tints", "merged", "lambdas", "heatmap"}
         for task in adapted.tasks:

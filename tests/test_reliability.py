@@ -482,3 +482,43 @@ def test_bad_values_fail_in_one_line_before_the_zoo_loads(cache, tmp_path, overr
     assert err.splitlines()[0] == f"error: {message}"
     assert "Traceback" not in err
     assert not (cache / "zoo").exists()  # nothing was built or loaded
+
+
+# ------------------------------------- 8. a stopped run, rerun, ends as if never stopped
+
+FAST = ["method=all", "~method.methods.adamerging_pp", "~method.methods.tinting",
+        "~method.methods.tinting_pp", "method.methods.adamerging_task.steps=2",
+        "method.methods.adamerging.steps=4", "checkpoint_every=2"]
+
+
+def test_a_run_stopped_by_sigterm_resumes_its_rows_and_checkpoint_to_the_same_numbers(
+        tiny_cache, tmp_path, monkeypatch):
+    """SLURM's requeue, on the tiny config: stopped by SIGTERM (Terminated) at a fixed step of
+    layer-wise AdaMerging, then run again with the same config in the same run directory: the
+    rows finished before the stop are kept, not redone, AdaMerging goes on from its last
+    checkpoint, and every number equals an uninterrupted run's."""
+    from tintcli.adaptation import AdaptationContext
+    from tintcli.errors import Interrupted, Terminated
+
+    whole, _ = _run_in_process(tmp_path / "whole", FAST)
+    report, calls = AdaptationContext.report, []
+
+    def stop_at_the_fourth_step(self, done, total, loss, merger):
+        calls.append(done)
+        if len(calls) == 2 + 3:  # task-wise AdaMerging's 2 steps, then layer-wise's third
+            raise Terminated()
+        report(self, done, total, loss, merger)
+
+    monkeypatch.setattr(AdaptationContext, "report", stop_at_the_fourth_step)
+    with pytest.raises(Interrupted, match="terminated"):
+        _run_in_process(tmp_path / "stopped", FAST)
+    monkeypatch.setattr(AdaptationContext, "report", report)
+    assert (tmp_path / "stopped" / "checkpoints" / "adamerging" / "checkpoint.json").exists()
+    resumed, console = _run_in_process(tmp_path / "stopped", FAST)
+    text = recorded(console)
+    names = [r["name"] for r in whole["rows"] if r["kind"] == "merged"]
+    assert text.count("(resumed)") == names.index("AdaMerging (layer-wise)")  # those before
+    assert "note: resuming from step 3 (checkpoint in" in text  # saved as it was stopped
+    for mine, theirs in zip(resumed["rows"], whole["rows"], strict=True):  # λ, curves, ...
+        assert json.dumps(mine).replace(str(tmp_path / "stopped"), "RUN") == \
+            json.dumps(theirs).replace(str(tmp_path / "whole"), "RUN")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tintcli.errors import Interrupted, TintError, install_stop_handlers, stops_deferred
+from tintcli.errors import Interrupted, TintError, fail, install_stop_handlers, stops_deferred
 from tintcli.paths import CONF_DIR, CONF_MODULE
 
 if TYPE_CHECKING:  # the rest is imported when used: Ctrl-C is tint's from its first moment
@@ -23,12 +23,13 @@ def _merge(cfg: DictConfig, console: Console) -> float | None:
     """One run; returns the config's ``objective`` (what a search sweeper maximises)."""
     from hydra.core.hydra_config import HydraConfig
 
+    from tintcli.objective import objective
     from tintcli.recipes import merge
 
     hydra_cfg = HydraConfig.get()  # (a search's objective is checked before its first trial)
     payload = merge.run(cfg, Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task),
                         console, resume=_multirun())
-    return merge.objective(payload, cfg)
+    return objective(payload, cfg)
 
 
 def _multirun() -> bool:
@@ -68,20 +69,6 @@ SUBCOMMANDS: dict[str, tuple[str, str, Callable[[DictConfig, Console], object]]]
 }
 
 
-def fail(err: TintError) -> None:
-    """Print a TintError as `error: <first line>` plus its hints, and exit (status 2; 130
-    after Ctrl-C)."""
-    from rich.console import Console
-    from rich.markup import escape
-
-    first, *rest = str(err).splitlines() or ["unknown error"]
-    console = Console(stderr=True, highlight=False)
-    console.print("[bold red]error:[/] " + escape(first), soft_wrap=True)  # one line, unwrapped
-    for line in rest:
-        console.print(f"  {escape(line)}", soft_wrap=True)
-    sys.exit(err.exit_code)
-
-
 def stopped(err: Interrupted) -> None:
     """End a job that Ctrl-C or SIGTERM stopped. A parallel launcher's worker process (one
     that never ran ``main``) leaves the message to the process the user started, which was
@@ -101,9 +88,11 @@ def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], object]
         fail(TintError(f"tint's configs are missing: no {config_name}.yaml in {CONF_DIR}\n"
                        "Reinstall tint: pip install -e ."))
 
+    from tintcli.methods import register_configs
     from tintcli.tracking import register_resolvers
 
     register_resolvers()
+    register_configs()  # each method's declared parameters: method/declared/<name>
 
     @hydra.main(version_base="1.3", config_path=f"pkg://{CONF_MODULE}", config_name=config_name)
     def app(cfg: DictConfig) -> object:

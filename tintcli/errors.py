@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import NoReturn
 
 
 class TintError(Exception):
@@ -31,6 +33,20 @@ class Interrupted(TintError):
                   + (f"\n{where}" if where else ""))
         err.exit_code = 128 + (signal.SIGTERM if terminated else signal.SIGINT)
         return err
+
+
+def fail(err: TintError) -> NoReturn:
+    """Print a TintError as `error: <first line>` plus its hints, and exit (status 2; 130
+    after Ctrl-C)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    first, *rest = str(err).splitlines() or ["unknown error"]
+    console = Console(stderr=True, highlight=False)
+    console.print("[bold red]error:[/] " + escape(first), soft_wrap=True)  # one line, unwrapped
+    for line in rest:
+        console.print(f"  {escape(line)}", soft_wrap=True)
+    sys.exit(err.exit_code)
 
 
 class Terminated(KeyboardInterrupt):

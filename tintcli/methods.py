@@ -1,28 +1,36 @@
 """The registry of merging methods, data-free (``tintcli/merging/``) and test-time adaptive
-(``tintcli/adaptation/``): one name per method, its function, and its own value check.
+(``tintcli/adaptation/``): one name per method, and everything else about it, declared once,
+where the method is written (mergekit's ``easy_define`` and timm's registry in spirit).
 
-A data-free method registers
+A data-free method registers a plain function on state dicts
 
-    fn(pretrained: StateDict, experts: Mapping[str, StateDict], **params) -> StateDict
+    fn(pretrained: StateDict, experts: Mapping[str, StateDict], **params) -> StateDict | Merged
 
-and an adaptive one (``adaptive=True``) also takes the unlabeled adaptation data:
+(it returns a ``Merged`` only where it makes a model per task, as EMR does), and an adaptive
+one (``adaptive=True``) also takes the unlabeled adaptation data:
 
-    fn(pretrained, experts, context: AdaptationContext, **params) -> Adapted
+    fn(pretrained, experts, context: AdaptationContext, **params) -> Merged
 
-Its signature declares its parameters; ``check=`` names a function that checks their values
-(helpers in ``tintcli/checks.py``). The YAML under ``conf/method/`` gives the defaults.
+Its signature declares its parameters and their defaults (the config group
+``method/declared/<name>`` is made from it: no second copy in a YAML); ``check=`` checks their
+values before any work (helpers in ``tintcli/checks.py``); ``pretty``, ``paper`` and ``code``
+are what tables and the README cite; ``search`` names the parameters chosen on the validation
+split and their grids (a config value of null means "choose"; a number fixes it), and
+``delta`` (optional) the function giving the Δ of θ0 + α·Δ, so that a grid over α costs one Δ.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
 from tintcli.errors import TintError
 from tintcli.io import StateDict
+from tintcli.merged import Merged
 
 Check = Callable[[dict, nn.Module | None], None]  # (parameters, encoder or None)
 
@@ -30,24 +38,58 @@ Check = Callable[[dict, nn.Module | None], None]  # (parameters, encoder or None
 @dataclass(frozen=True)
 class Method:
     fn: Callable
-    adaptive: bool  # needs unlabeled test images (an AdaptationContext) after the experts
+    adaptive: bool = False  # learns from unlabeled test images (an AdaptationContext)
     # checks parameter values before any work (raises ValueError naming the bad one), so that
     # a typo fails at once, not deep inside torch or after the table's earlier methods ran;
     # called with the parameters and, where known, the encoder (an architecture, no weights)
     check: Check | None = None
+    name: str = ""
+    pretty: str = ""                 # the row name tables print
+    paper: str | None = None         # the paper's URL
+    code: str | None = None          # the reference code's URL
+    # parameters chosen on the validation split, with their grids (null in the config: chosen)
+    search: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    # (pretrained, experts, **other parameters) -> Δ, for methods whose merge is θ0 + alpha·Δ
+    delta: Callable[..., StateDict] | None = None
+    # the name of the reference row a configuration of it reproduces (a variant: AdaMerging++)
+    variant: Callable[[Mapping[str, Any]], str] | None = None
+    choose_by: str = "average"  # the validation metric the search maximises
+    # adaptive: the class whose ``benchmark(plain)`` gives the step ``tint bench`` times
+    trainer: type | None = None
+    min_tasks: int = 1  # EMR: 2 (checked against the task set before any work)
 
     @property
     def positional(self) -> int:
         return 3 if self.adaptive else 2
 
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """The parameters the signature declares, with their defaults (null: chosen on
+        validation, for the ``search`` ones)."""
+        parameters = list(inspect.signature(self.fn).parameters.values())[self.positional:]
+        return {p.name: None if p.name in self.search else
+                (None if p.default is inspect.Parameter.empty else p.default)
+                for p in parameters}
+
+    def row(self, params: Mapping[str, Any]) -> str:
+        """The reference row (PAPER.md's) this configuration is."""
+        return self.variant(params) if self.variant is not None else self.name
+
 
 MERGE_METHODS: dict[str, Method] = {}
 
 
-def register(name: str, adaptive: bool = False,
-             check: Check | None = None) -> Callable[[Callable], Callable]:
+def register(name: str, adaptive: bool = False, check: Check | None = None, *,
+             pretty: str | None = None, paper: str | None = None, code: str | None = None,
+             search: Mapping[str, tuple[float, ...]] | None = None,
+             delta: Callable[..., StateDict] | None = None,
+             variant: Callable[[Mapping[str, Any]], str] | None = None,
+             choose_by: str = "average", trainer: type | None = None,
+             min_tasks: int = 1) -> Callable[[Callable], Callable]:
     def add(fn: Callable) -> Callable:
-        MERGE_METHODS[name] = Method(fn, adaptive, check)
+        MERGE_METHODS[name] = Method(fn, adaptive, check, name, pretty or name, paper, code,
+                                     dict(search or {}), delta, variant, choose_by, trainer,
+                                     min_tasks)
         return fn
 
     return add
@@ -62,10 +104,12 @@ def get_method(name: str) -> Method:
 
 
 def check_parameters(name: str, params: Mapping[str, object],
-                     encoder: nn.Module | None = None) -> Method:
+                     encoder: nn.Module | None = None,
+                     grid: Mapping[str, object] | None = None) -> Method:
     """The method, once its config's parameters match its signature and pass its own check
     (before any work). With ``encoder``, checks that need the architecture (a module to
-    tint) run too."""
+    tint) run too. A searched parameter left null is checked at every point of its grid
+    (``grid``: the config's, else the method's own)."""
     method = get_method(name)
     signature = inspect.signature(method.fn)
     try:  # binding, not calling: a TypeError from inside fn stays the bug it is
@@ -74,33 +118,66 @@ def check_parameters(name: str, params: Mapping[str, object],
         accepted = list(signature.parameters)[method.positional:]
         raise TintError(f"bad parameters for method '{name}': {err}\n"
                         f"It takes: {', '.join(accepted) or 'no parameters'}") from err
-    if method.check is not None:
-        bound.apply_defaults()
-        values = dict(list(bound.arguments.items())[method.positional:])
+    unknown = sorted(set(grid or {}) - set(method.search))
+    if unknown:
+        raise TintError(f"bad parameters for method '{name}': grid.{unknown[0]} names no "
+                        "parameter it chooses on validation\nIt chooses: "
+                        f"{', '.join(method.search) or 'nothing'}")
+    bound.apply_defaults()
+    values = dict(list(bound.arguments.items())[method.positional:])
+    grids = {**method.search, **(grid or {})}
+    chosen = [k for k in method.search if values.get(k) is None]
+    for key in chosen:
+        points = grids[key]
+        if not isinstance(points, list | tuple) or not points:
+            raise TintError(f"bad parameters for method '{name}': grid.{key}={points} must "
+                            f"list the values of {key} to choose from on validation")
+    if method.check is None:
+        return method
+    fixed = {k: v for k, v in values.items() if k not in chosen}
+    points = [("", fixed)] + [(f" (in grid.{k})", {**fixed, k: point})
+                              for k in chosen for point in grids[k]]
+    for where, point in points:
         try:
-            method.check(values, encoder)
+            method.check(point, encoder)
         except ValueError as err:
-            raise TintError(f"bad parameters for method '{name}': {err}") from err
+            raise TintError(f"bad parameters for method '{name}': {err}{where}") from err
     return method
 
 
 def merge(name: str, pretrained: StateDict, experts: Mapping[str, StateDict],
           **params) -> StateDict:
-    """Run a data-free method by its registered name."""
+    """Run a data-free method by its registered name: its state dict (see ``run`` for the
+    ``Merged`` of any method)."""
     method = check_parameters(name, params)
     if method.adaptive:
         raise TintError(f"'{name}' adapts at test time: call tintcli.merging.adapt with an "
                         "AdaptationContext of unlabeled images")
-    return method.fn(pretrained, experts, **params)
+    return _merged(method, method.fn(pretrained, experts, **params)).state
 
 
 def adapt(name: str, pretrained: StateDict, experts: Mapping[str, StateDict], context,
-          **params):
-    """Run a test-time adaptive method by its registered name; returns an ``Adapted``."""
+          **params) -> Merged:
+    """Run a test-time adaptive method by its registered name."""
     method = check_parameters(name, params, context.encoder)
     if not method.adaptive:
         raise TintError(f"'{name}' is data-free: call tintcli.merging.merge")
     return method.fn(pretrained, experts, context, **params)
+
+
+def run(name: str, pretrained: StateDict, experts: Mapping[str, StateDict], context=None,
+        **params) -> Merged:
+    """Any method, called one way: a ``Merged`` (``context``: the unlabeled adaptation data,
+    for the adaptive methods; data-free ones ignore it)."""
+    method = get_method(name)
+    if method.adaptive:
+        return adapt(name, pretrained, experts, context, **params)
+    check_parameters(name, params)
+    return _merged(method, method.fn(pretrained, experts, **params))
+
+
+def _merged(method: Method, out: StateDict | Merged) -> Merged:
+    return out if isinstance(out, Merged) else Merged(method.name, out)
 
 
 def _discover() -> None:
@@ -126,3 +203,15 @@ def registered() -> dict[str, Method]:
     """Every method by name."""
     _discover()
     return MERGE_METHODS
+
+
+def register_configs() -> None:
+    """Each method's declared parameters as the config ``method/declared/<name>`` (Hydra's
+    ConfigStore), which its YAML presets extend: the signature is the one place they live."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    for name, method in registered().items():
+        grid = {"grid": {k: list(v) for k, v in method.search.items()}} if method.search else {}
+        store.store(group="method/declared", name=name,
+                    node={"name": name, **method.defaults, **grid}, provider="tint")

@@ -19,8 +19,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from tintcli.errors import Interrupted, TintError
+from tintcli.errors import Interrupted, TintError, fail
 from tintcli.io import write_json
+from tintcli.objective import check_objective
 from tintcli.paths import ERROR, PACKAGE_DIR, PARTIAL, RESULTS
 
 SWEEP: dict[str, Any] = {}  # this process's multirun: its folder, and jobs and failures
@@ -102,21 +103,15 @@ class ClaimRunDir(Callback):
     run leaves a finished or running one untouched, and a bad directory is one clear line."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from tintcli.cli import fail
-
         try:
             claim_run_dir(Path(config.hydra.run.dir), bool(config.get("overwrite", False)))
         except TintError as err:
             fail(err)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        from tintcli.cli import fail
-
         sweep_dir = Path(config.hydra.sweep.dir)
         SWEEP.update({"dir": str(sweep_dir), "started": time.time()})
         if "optuna" in str(config.hydra.sweeper.get("_target_", "")).lower():
-            from tintcli.recipes.merge import check_objective
-
             try:  # before any trial: a search that cannot choose right must not start
                 check_objective(config, searching=True)
             except TintError as err:

@@ -8,21 +8,28 @@ task) on unlabeled test images. The pieces here are method-agnostic:
   outputs on those images, computed once and reused (they never change during adaptation);
 - ``LambdaMerger`` (merger.py): theta(lambda) built on the device from stacked task vectors;
 - ``SAMPLERS`` (samplers.py): which pseudo-labelled samples a step learns from;
-- ``Adapted``: what a method returns, and what tint scores and saves.
+- ``Adapted``: what a method returns, and what tint scores and saves;
+- ``Checkpoint`` (checkpoints.py): a run's state on disk, so that a stopped run resumes.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
+from rich.console import Console
+from rich.markup import escape
 from torch import nn
 
+from tintcli.adaptation.checkpoints import Checkpoint
 from tintcli.errors import TintError
 from tintcli.io import StateDict, check_finite_weights, encoder_entries
+from tintcli.merged import Merged
 from tintcli.runtime import Runtime
 
 # (steps done, total steps, last loss, each task's lambda averaged over layers)
@@ -40,6 +47,13 @@ class AdaptationContext:
     seed: int = 0
     on_step: StepCallback | None = None
     vectors_dtype: torch.dtype = torch.float32  # how the stacked task vectors are stored
+    # where this method's run keeps its checkpoint (None: it keeps none), how often it saves
+    # one (in steps: AdaMerging steps, Tinting task-steps), and what must match for a saved
+    # one to be resumed (the run's config; the method and its parameters are added to it)
+    checkpoint_dir: Path | None = None
+    checkpoint_every: int = 100
+    checkpoint_key: dict = field(default_factory=dict)
+    console: Console | None = None  # where notes go (None: stderr)
     _expert_logits: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -96,15 +110,41 @@ class AdaptationContext:
         if self.on_step is not None:
             self.on_step(done, total, loss, merger.lambdas().detach().mean(0).tolist())
 
+    def note(self, message: str) -> None:
+        """A one-line note to the user (a checkpoint resumed, or not used and why)."""
+        console = self.console or Console(stderr=True)
+        console.print(f"[yellow]note:[/] {escape(message)}", soft_wrap=True, highlight=False)
 
-def batches(count: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+
+class BatchStream:
     """Endless shuffled batches of indices into ``count`` samples: each pass over the data
-    is a new permutation (like a shuffled DataLoader); a short remainder is dropped."""
-    batch_size = min(batch_size, count)
-    while True:
-        order = torch.randperm(count, generator=generator)
-        for i in range(0, count - batch_size + 1, batch_size):
-            yield order[i : i + batch_size]
+    is a new permutation (like a shuffled DataLoader); a short remainder is dropped. Its state
+    (the current permutation, the position in it) is explicit, for checkpoints."""
+
+    def __init__(self, count: int, batch_size: int, generator: torch.Generator):
+        self.count, self.batch_size, self.generator = count, min(batch_size, count), generator
+        self.order: torch.Tensor | None = None  # drawn when the first batch is
+        self.position = 0
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.order is None or self.position + self.batch_size > self.count:
+            self.order, self.position = torch.randperm(self.count, generator=self.generator), 0
+        self.position += self.batch_size
+        return self.order[self.position - self.batch_size : self.position]
+
+    def state(self) -> dict[str, Any]:
+        return {"order": self.order, "position": self.position}  # order is replaced, never edited
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        order, position = state["order"], int(state["position"])
+        if order is not None and (tuple(order.shape) != (self.count,)
+                                  or not 0 <= position <= self.count):
+            raise ValueError(f"a batch stream over {len(order)} samples at {position}, not over "
+                             f"{self.count}")
+        self.order, self.position = order, position
 
 
 def check_common(params: Mapping[str, object]) -> None:
@@ -126,28 +166,10 @@ def check_finite(loss: torch.Tensor, method: str, step: int, task: str) -> None:
                         "lower the method's lr.")
 
 
-@dataclass
-class Adapted:
-    """An adaptive method's outcome: one merged encoder, plus per-task tints.
-
-    ``heads`` hold each task's head (tinted, or the zero-shot one); ``tints`` hold, per task,
-    the encoder entries that task overrides (empty unless an encoder module was tinted);
-    ``tinted`` names what was tinted ("head", a module name, or None).
-    ``lambdas`` is [layers, tasks] (task-wise methods have one row, ``layer_names == ['all']``).
-    """
-
-    method: str
-    state: StateDict
-    heads: dict[str, nn.Module]
-    tints: dict[str, StateDict]
-    lambdas: torch.Tensor
-    layer_names: list[str]
-    tasks: list[str]
-    loss_curve: dict[str, object]
-    tinted: str | None = None
-
-    def task_state(self, task: str) -> StateDict:
-        return {**self.state, **self.tints[task]} if task in self.tints else self.state
+# What an adaptive method returns: the one result type of every method (tintcli/merged.py).
+# ``heads`` hold each task's head (tinted, or the zero-shot one); ``tints`` per task the
+# encoder entries that task overrides; ``tinted`` what was tinted ("head", a module, or None).
+Adapted = Merged
 
 
 from tintcli.adaptation.merger import LambdaMerger  # noqa: E402
@@ -156,7 +178,14 @@ from tintcli.adaptation.samplers import SAMPLERS, pseudo_label_loss  # noqa: E40
 
 class AdaptationRun:
     """What every adaptive run holds: lambda over the task vectors, the encoder to run on the
-    merged weights, and a seeded batch stream per task. Methods subclass it with their step."""
+    merged weights, and a seeded batch stream per task. Methods subclass it with their step
+    (``advance``) and what they train (``trained``); ``train`` runs the steps, checkpointed.
+
+    A run's state has two parts: what the steps learned (``learned``: the trained modules,
+    Adam's state, the loss scale) and where the run is (``progress``: steps done, the loss
+    curve, the generator's and the batch streams' states). The learned part changes only in
+    an optimiser update, so a stop anywhere else in a step resumes from the last step boundary:
+    the learned part as it is, with the progress as it was at that boundary (``mark``)."""
 
     name = "adaptation"
 
@@ -171,9 +200,11 @@ class AdaptationRun:
         self.scaler = torch.amp.GradScaler(context.device.type,
                                            enabled=context.runtime.precision == "fp16")
         self.generator = context.generator()
-        self.streams = {t: batches(len(context.images[t]), batch_size, self.generator)
+        self.streams = {t: BatchStream(len(context.images[t]), batch_size, self.generator)
                         for t in self.tasks}
         self.steps_done = 0
+        self.curve: list[float] = []
+        self.updating = False  # from an optimiser update to the end of its step
 
     def next_index(self, task: str) -> torch.Tensor:
         return next(self.streams[task])
@@ -186,8 +217,78 @@ class AdaptationRun:
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Step on gradients backpropagated from ``self.scaler.scale(loss)``."""
+        self.updating = True
         self.scaler.step(optimizer)
         self.scaler.update()
+
+    def advance(self) -> float | None:
+        """One step of the method's schedule, with its place in the loss curve; the loss to
+        report, or None (mid-epoch)."""
+        raise NotImplementedError
+
+    def trained(self) -> dict[str, nn.Module]:
+        """The modules the optimiser moves."""
+        return {"merger": self.merger}
+
+    def train(self, total: int, params: Mapping[str, Any]) -> None:
+        """Run steps until ``total`` are done, from the checkpoint in the context's
+        ``checkpoint_dir`` where one was made for the same run, method and ``params``. Saves a
+        checkpoint every ``checkpoint_every`` steps and when the loop is left by an exception
+        (Ctrl-C, SIGTERM, a requeue's sys.exit), then re-raises; removes it once done."""
+        context = self.context
+        key = {"run": context.checkpoint_key, "method": self.name, "params": dict(params),
+               "seed": context.seed, "images": {t: len(context.images[t]) for t in self.tasks},
+               "precision": context.runtime.precision, "vectors_dtype": str(context.vectors_dtype)}
+        checkpoint = Checkpoint(context.checkpoint_dir, key, context.note)
+        checkpoint.resume(self)
+        every = max(1, context.checkpoint_every)
+        mark = self.progress()  # the last step boundary
+        try:
+            for _ in range(total - self.steps_done):
+                loss = self.advance()
+                mark, self.updating = self.progress(), False
+                if self.steps_done % every == 0 and self.steps_done < total:
+                    checkpoint.save(self.state(mark), self.steps_done)
+                if loss is not None:
+                    context.report(self.steps_done, total, loss, self.merger)
+        except BaseException:
+            if not self.updating:  # (stopped mid-update, the state is neither before nor after)
+                checkpoint.save(self.state(mark), mark["steps_done"])
+            raise
+        checkpoint.remove()
+
+    def progress(self) -> dict[str, Any]:
+        """Where the run is, as a copy (it is taken at every step boundary)."""
+        return {"steps_done": self.steps_done, "curve": list(self.curve),
+                "generator": self.generator.get_state(),
+                "streams": {t: stream.state() for t, stream in self.streams.items()}}
+
+    def load_progress(self, progress: Mapping[str, Any]) -> None:
+        self.steps_done, self.curve = int(progress["steps_done"]), list(progress["curve"])
+        self.generator.set_state(progress["generator"])
+        for task, stream in self.streams.items():
+            stream.load_state(progress["streams"][task])
+
+    def state(self, progress: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The whole state: what was learned, and ``progress`` (by default, the current)."""
+        optimizer = self.optimizer.state_dict()
+        learned = {"modules": {name: m.state_dict() for name, m in self.trained().items()},
+                   "optimizer": {"state": {str(i): s for i, s in optimizer["state"].items()},
+                                 "param_groups": optimizer["param_groups"]},
+                   "scaler": self.scaler.state_dict()}
+        return {"learned": learned,
+                "progress": self.progress() if progress is None else progress}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        learned = state["learned"]
+        for name, module in self.trained().items():
+            module.load_state_dict(learned["modules"][name])
+        optimizer = learned["optimizer"]
+        self.optimizer.load_state_dict({
+            "state": {int(i): s for i, s in optimizer["state"].items()},
+            "param_groups": optimizer["param_groups"]})
+        self.scaler.load_state_dict(learned["scaler"])
+        self.load_progress(state["progress"])
 
     def adapted(self, heads: Mapping[str, nn.Module], tints: dict[str, StateDict],
                 loss_curve: dict[str, object], tinted: str | None = None) -> Adapted:
@@ -201,6 +302,6 @@ class AdaptationRun:
 from tintcli.adaptation.adamerging import adamerging_merge  # noqa: E402
 from tintcli.adaptation.tinting import tinting_merge  # noqa: E402
 
-__all__ = ["AdaptationContext", "AdaptationRun", "Adapted", "LambdaMerger", "SAMPLERS",
-           "batches", "check_finite", "check_common", "pseudo_label_loss", "adamerging_merge",
-           "tinting_merge"]
+__all__ = ["AdaptationContext", "AdaptationRun", "Adapted", "BatchStream", "Checkpoint",
+           "LambdaMerger", "SAMPLERS", "check_finite", "check_common", "pseudo_label_loss",
+           "adamerging_merge", "tinting_merge"]

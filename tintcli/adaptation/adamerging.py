@@ -9,9 +9,10 @@ TIES-trimmed, sign-consistent task vectors (``ties_top_k``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
+from torch import nn
 from torch.func import functional_call
 
 from tintcli.adaptation import (
@@ -78,6 +79,23 @@ class AdaMerging(AdaptationRun):
         self.steps_done += 1
         return total
 
+    def benchmark(self, plain: nn.Module) -> tuple[str, int, Callable, Callable]:
+        """What ``tint bench`` times: this method's step on one batch of every task, and a
+        plain forward+backward of ``plain`` (an ordinary module) with the same loss on the
+        same batches."""
+        images = self.next_batches()
+
+        def plain_step() -> None:
+            for task, x in images.items():
+                entropy(self.heads[task](plain(x))).backward()
+
+        return ("AdaMerging step (all tasks)", sum(len(x) for x in images.values()),
+                lambda: self.step(images), plain_step)
+
+    def advance(self) -> float:
+        self.curve.append(self.step())
+        return self.curve[-1]
+
 
 def check_adamerging(params: Mapping[str, object], encoder=None) -> None:
     check_common(params)
@@ -87,15 +105,28 @@ def check_adamerging(params: Mapping[str, object], encoder=None) -> None:
         number(params, "ties_top_k", 0, 100, must="null or a percentage in [0, 100]")
 
 
-@register("adamerging", adaptive=True, check=check_adamerging)
+def _variant(params: Mapping[str, object]) -> str:
+    """The reference row: layer-wise, task-wise, or ++ (TIES-trimmed vectors)."""
+    layer = params.get("granularity", "layer") == "layer"
+    if params.get("ties_top_k") is not None:
+        return "adamerging_pp" if layer else "adamerging_task_pp"
+    return "adamerging" if layer else "adamerging_task"
+
+
+@register("adamerging", adaptive=True, check=check_adamerging, pretty="AdaMerging",
+          paper="https://arxiv.org/abs/2310.02575", code="https://github.com/EnnengYang/AdaMerging",
+          variant=_variant, trainer=AdaMerging)
 def adamerging_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                      context: AdaptationContext, granularity: str = "layer",
                      ties_top_k: float | None = None, lam_init: float = 0.3, lr: float = 1e-3,
                      steps: int = 500, batch_size: int = 32) -> Adapted:
+    """``granularity``: one λ per task and parameter tensor (layer) or per task (task);
+    ``ties_top_k``: AdaMerging++, TIES-trim (top-k %) and sign-elect the task vectors first;
+    ``lam_init``: λ's start (clamped to [0, 1]); Adam (betas 0.9, 0.999) at ``lr`` for
+    ``steps``; ``batch_size`` images per task per step (16 in the paper's text, 32 in its
+    code)."""
     run = AdaMerging(pretrained, experts, context, granularity, ties_top_k, lam_init, lr,
                      batch_size)
-    curve = []
-    for _ in range(steps):
-        curve.append(run.step())
-        context.report(run.steps_done, steps, curve[-1], run.merger)
-    return run.adapted(context.heads, {}, {"unit": "step", "loss": curve})
+    run.train(steps, {"granularity": granularity, "ties_top_k": ties_top_k,
+                      "lam_init": lam_init, "lr": lr, "steps": steps, "batch_size": batch_size})
+    return run.adapted(context.heads, {}, {"unit": "step", "loss": run.curve})

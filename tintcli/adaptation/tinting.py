@@ -15,7 +15,8 @@ per-task offset that starts at zero), and the heads stay frozen.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,6 +93,8 @@ class Tinting(AdaptationRun):
                      *self.offsets.parameters()]
         self.optimizer = torch.optim.Adam([p for p in trainable if p.requires_grad], lr=lr)
         self.targets = context.expert_logits(experts)  # computed once per run, then reused
+        self.epoch: list[str] = []          # this epoch's order of tasks (empty between epochs)
+        self.epoch_losses: list[float] = []  # its steps' losses so far
 
     def _tinted(self, merged: StateDict, task: str) -> StateDict:
         """The task's own entries: merged weights plus its offsets (none when tinting heads)."""
@@ -101,6 +104,30 @@ class Tinting(AdaptationRun):
     def epoch_order(self) -> list[str]:
         order = torch.randperm(len(self.tasks), generator=self.generator)
         return [self.tasks[i] for i in order]
+
+    def advance(self) -> float | None:
+        """The epoch's next task's step (an epoch's order is drawn at its start); an epoch's
+        last step adds the epoch's mean loss to the curve, and returns it."""
+        if not self.epoch:
+            self.epoch, self.epoch_losses = self.epoch_order(), []
+        self.epoch_losses.append(self.step(self.epoch[len(self.epoch_losses)]))
+        if len(self.epoch_losses) < len(self.epoch):
+            return None
+        self.curve.append(sum(self.epoch_losses) / len(self.epoch_losses))
+        self.epoch = []
+        return self.curve[-1]
+
+    def trained(self) -> dict[str, nn.Module]:
+        tinted = {"heads": self.heads} if self.tint == "head" else {"offsets": self.offsets}
+        return {**super().trained(), **tinted}
+
+    def progress(self) -> dict[str, Any]:
+        return {**super().progress(), "epoch": list(self.epoch),
+                "epoch_losses": list(self.epoch_losses)}
+
+    def load_progress(self, progress: Mapping[str, Any]) -> None:
+        super().load_progress(progress)
+        self.epoch, self.epoch_losses = list(progress["epoch"]), list(progress["epoch_losses"])
 
     def next_batch(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
         index = self.next_index(task)
@@ -123,6 +150,19 @@ class Tinting(AdaptationRun):
         self.optimizer_step(self.optimizer)
         return loss.item()
 
+    def benchmark(self, plain: nn.Module) -> tuple[str, int, Callable, Callable]:
+        """What ``tint bench`` times: one step on one task's batch, and a plain
+        forward+backward of ``plain`` with the same loss on the same batch."""
+        task = self.tasks[0]
+        batch = self.next_batch(task)
+        head = self.heads[task]
+
+        def plain_step() -> None:
+            pseudo_label_loss(head(plain(batch[0])), batch[1], self.sampler)[0].backward()
+
+        return (f"Model Tinting step (one task: {task})", len(batch[0]),
+                lambda: self.step(task, batch), plain_step)
+
     def result(self, loss_curve: list[float]) -> Adapted:
         tints = {}
         if self.tint != "head":
@@ -136,16 +176,18 @@ class Tinting(AdaptationRun):
                             self.tint)
 
 
-@register("tinting", adaptive=True, check=check_tinting)
+@register("tinting", adaptive=True, check=check_tinting, pretty="Model Tinting",
+          paper="https://arxiv.org/abs/2412.19098", code="https://github.com/AIM-SKKU/SyMerge",
+          trainer=Tinting)
 def tinting_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                   context: AdaptationContext, tint: str = "head", sampler: str = "all",
                   lam_init: float = 0.3, lr: float = 1e-2, epochs: int = 500,
                   batch_size: int = 32) -> Adapted:
+    """``tint``: the tinted layer, each task's head or an encoder module (blocks.3.mlp.fc2);
+    ``sampler``: which pseudo-labelled samples count (all; confidence: Tinting++);
+    ``lam_init``: λ's start; Adam at ``lr`` for λ and the tinted layers; ``epochs`` of one
+    step per task, tasks in shuffled order; ``batch_size`` images per step."""
     run = Tinting(pretrained, experts, context, tint, sampler, lam_init, lr, batch_size)
-    total = epochs * len(run.tasks)
-    curve = []
-    for _ in range(epochs):
-        losses = [run.step(task) for task in run.epoch_order()]
-        curve.append(sum(losses) / len(losses))
-        context.report(run.steps_done, total, curve[-1], run.merger)
-    return run.result(curve)
+    run.train(epochs * len(run.tasks), {"tint": tint, "sampler": sampler, "lam_init": lam_init,
+                                        "lr": lr, "epochs": epochs, "batch_size": batch_size})
+    return run.result(run.curve)

@@ -12,10 +12,13 @@ from tintcli.merging.task_vectors import add_task_vector, task_vector
 from tintcli.methods import register
 
 
-@register("task_arithmetic", check=lambda params, encoder=None: number(params, "lam"))
+@register("task_arithmetic", check=lambda params, encoder=None: number(params, "lam"),
+          pretty="Task Arithmetic", paper="https://arxiv.org/abs/2212.04089",
+          code="https://github.com/mlfoundations/task_vectors")
 def task_arithmetic_merge(pretrained: Mapping[str, torch.Tensor],
                           experts: Mapping[str, Mapping[str, torch.Tensor]],
                           lam: float = 0.3) -> StateDict:
+    """``lam``: the scaling of the summed task vectors (0.3: the benchmark's)."""
     total: dict[str, torch.Tensor] = {}
     for expert in experts.values():
         for k, v in task_vector(expert, pretrained).items():

@@ -85,10 +85,14 @@ def check_ties(params: Mapping[str, object], encoder=None) -> None:
     number(params, "lam")
 
 
-@register("ties", check=check_ties)
+@register("ties", check=check_ties, pretty="TIES", paper="https://arxiv.org/abs/2306.01708",
+          code="https://github.com/prateeky2806/ties-merging")
 def ties_merge(pretrained: Mapping[str, torch.Tensor],
                experts: Mapping[str, Mapping[str, torch.Tensor]], top_k: float = 20,
                merge: str = "sum", lam: float = 0.3) -> StateDict:
+    """``top_k``: % of each task vector's entries kept, by magnitude over the whole model;
+    ``merge``: the disjoint "sum" (the benchmark code's, with ``lam`` 0.3) or "mean" (the
+    paper's, with ``lam`` about 1: ``method=ties_mean``)."""
     trimmed = [trim_top_k(task_vector(e, pretrained), top_k) for e in experts.values()]
     merged = disjoint_merge(trimmed, elect_signs(trimmed), merge)
     return add_task_vector(pretrained, merged, lam)

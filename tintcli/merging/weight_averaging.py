@@ -11,7 +11,9 @@ from tintcli.merging.task_vectors import mergeable
 from tintcli.methods import register
 
 
-@register("weight_averaging")
+@register("weight_averaging", pretty="Weight averaging",
+          paper="https://arxiv.org/abs/2203.05482",
+          code="https://github.com/mlfoundations/model-soups")
 def weight_average(pretrained: Mapping[str, torch.Tensor],
                    experts: Mapping[str, Mapping[str, torch.Tensor]]) -> StateDict:
     models = list(experts.values())

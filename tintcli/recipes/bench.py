@@ -23,12 +23,10 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from tintcli.adaptation import pseudo_label_loss
-from tintcli.adaptation.adamerging import AdaMerging, entropy
-from tintcli.adaptation.tinting import Tinting
 from tintcli.encoders import build_encoder
-from tintcli.io import encoder_entries, write_json
-from tintcli.methods import check_parameters
+from tintcli.errors import TintError
+from tintcli.io import StateDict, encoder_entries, write_json
+from tintcli.methods import Method, check_parameters, registered
 from tintcli.recipes.common import Workbench
 from tintcli.tracking import versions
 
@@ -51,18 +49,24 @@ def _timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats:
     return sorted(times)[len(times) // 2]
 
 
-def _init_kwargs(cls: type, method_cfg: DictConfig, encoder: torch.nn.Module) -> dict:
-    params = OmegaConf.to_container(method_cfg, resolve=True)
-    params.pop("label", None)
-    check_parameters(params.pop("name"), params, encoder)
-    accepted = inspect.signature(cls).parameters
+def _init_kwargs(method: Method, method_cfg: DictConfig | None,
+                 encoder: torch.nn.Module) -> dict:
+    """The trainer's arguments: the method's declared defaults, as the config (the method's
+    YAML under the method's name, where bench.yaml has it) overrides them; checked."""
+    params = method.defaults
+    if method_cfg is not None:
+        params.update(OmegaConf.to_container(method_cfg, resolve=True))
+    for key in ("name", "label", "grid"):
+        params.pop(key, None)
+    check_parameters(method.name, params, encoder)
+    accepted = inspect.signature(method.trainer).parameters
     return {k: v for k, v in params.items() if k in accepted}
 
 
 def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
     architecture = build_encoder(cfg.encoder)
-    ada_kwargs = _init_kwargs(AdaMerging, cfg.adamerging, architecture)  # fail before any work
-    tint_kwargs = _init_kwargs(Tinting, cfg.tinting, architecture)
+    adaptive = {name: (method, _init_kwargs(method, cfg.get(name), architecture))
+                for name, method in registered().items() if method.adaptive}  # checked first
     bench = Workbench.load(cfg, console)
     context = bench.adaptation_context(cfg.seed)
     plain = bench.encoder.train(False)
@@ -77,51 +81,112 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
             fn, bench.device, min(cfg.warmup, 1), cfg.eval_repeats))
         peaks["evaluation"] = _peak(bench.device)
 
-    _reset_peak(bench.device)
-    with console.status("timing AdaMerging steps"):
-        ada = AdaMerging(bench.pretrained, bench.experts, context,
-                         **ada_kwargs)
-        images = ada.next_batches()
+    for name, (method, kwargs) in adaptive.items():  # every adaptive method the registry has
+        _reset_peak(bench.device)
+        with console.status(f"timing {method.pretty} steps"):
+            trainer = method.trainer(bench.pretrained, bench.experts, context, **kwargs)
+            step, size, ours, base = trainer.benchmark(plain)
+            rows.append((step, size, measure(ours), measure(base)))
+            peaks[name] = _peak(bench.device)
+            del trainer
 
-        def plain_ada() -> None:
-            for task, x in images.items():
-                entropy(context.head(task)(plain(x))).backward()
+    merges = merge_costs(bench.pretrained, bench.experts,
+                         f"{cfg.encoder.name} × {len(bench.tasks)}", console)
+    for shape in cfg.get("merge_shapes") or []:  # real shapes, random weights: no download
+        from hydra import compose
 
-        rows.append(("AdaMerging step (all tasks)", sum(len(x) for x in images.values()),
-                     measure(lambda: ada.step(images)), measure(plain_ada)))
-        peaks["adamerging"] = _peak(bench.device)
-
-    _reset_peak(bench.device)
-    with console.status("timing Model Tinting steps"):
-        tint = Tinting(bench.pretrained, bench.experts, context,
-                       **tint_kwargs)
-        task = tint.tasks[0]
-        batch = tint.next_batch(task)
-        head = tint.heads[task]
-
-        def plain_tint() -> None:
-            pseudo_label_loss(head(plain(batch[0])), batch[1], tint.sampler)[0].backward()
-
-        rows.append((f"Model Tinting step (one task: {task})", len(batch[0]),
-                     measure(lambda: tint.step(task, batch)), measure(plain_tint)))
-        peaks["tinting"] = _peak(bench.device)
+        encoder_cfg = compose(config_name=f"encoder/{shape.encoder}").encoder
+        dtype = torch.bfloat16 if shape.get("dtype", "bf16") == "bf16" else torch.float32
+        with console.status(f"making random {shape.encoder} × {shape.tasks} checkpoints"):
+            pretrained, experts = stand_in(encoder_cfg, int(shape.tasks), dtype)
+        merges += merge_costs(pretrained, experts, f"{shape.encoder} × {shape.tasks} "
+                              f"({shape.get('dtype', 'bf16')}, random)", console)
+        del pretrained, experts
 
     results = [{"step": name, "batch": size, "adaptive_s": ours, "plain_s": base,
                 "ratio": ours / base, "steps_per_s": 1 / ours} for name, size, ours, base in rows]
-    models = memory_models(cfg, len(bench.tasks), tint_kwargs.get("batch_size", 32))
+    models = memory_models(cfg, len(bench.tasks), adaptive["tinting"][1].get("batch_size", 32)
+                           if "tinting" in adaptive else 32)
     payload = {"command": "bench", "device": str(bench.device), "encoder": cfg.encoder.name,
                "precision": bench.runtime.precision, "tasks": bench.tasks,
                "threads": torch.get_num_threads(), "evaluation": evaluation,
                "target_eval_ratio": TARGET_EVAL_RATIO, "target_ratio": TARGET_RATIO,
-               "results": results, "peak_memory": peaks, "memory_models": models,
+               "results": results, "merges": merges, "peak_memory": peaks,
+               "memory_models": models,
                "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True)}
     write_json(run_dir / "bench.json", payload)
     where = f"{cfg.encoder.name} · {bench.device} · {bench.runtime.precision}"
     console.print(eval_table(evaluation, f"evaluation vs raw forward · {where}"))
     console.print(bench_table(results, f"adaptation step vs plain forward+backward · {where}"))
+    console.print(merge_table(merges, f"data-free merges · {bench.device}"))
     console.print(memory_table(peaks, models, bench.device))
     console.print(f"results: {run_dir / 'bench.json'}")
     return payload
+
+
+def merge_costs(pretrained: StateDict, experts: dict[str, StateDict], where: str,
+                console: Console) -> list[dict]:
+    """Every registered data-free method's merge, timed once on these checkpoints (merges
+    are deterministic and some take long). A method that chooses a parameter on validation is
+    timed at its grid's first point: its Δ where it declares one (the grid then reuses it),
+    else one merge per grid point."""
+    from tintcli.methods import registered, run
+    from tintcli.selection import searched
+
+    out = []
+    for name, method in registered().items():
+        if method.adaptive:
+            continue
+        params = method.defaults
+        grids = searched(method, params, None)
+        point = {**params, **{k: v[0] for k, v in grids.items()}}
+        with console.status(f"timing {method.pretty} on {where}"):
+            start = time.perf_counter()
+            try:
+                run(name, pretrained, experts, **point)
+            except TintError as err:  # one that cannot run here (EMR on one task): say why
+                out.append({"method": name, "pretty": method.pretty, "error": str(err)})
+                continue
+            seconds = time.perf_counter() - start
+        points = 1
+        for grid in grids.values():
+            points *= len(grid)
+        out.append({"method": name, "pretty": method.pretty, "where": where,
+                    "merge_s": seconds, "grid_points": points,
+                    "grid_merges": 1 if method.delta is not None and grids else points,
+                    "peak_rss": _peak(torch.device("cpu"))})
+    return out
+
+
+def stand_in(encoder_cfg: DictConfig, tasks: int, dtype: torch.dtype, seed: int = 0
+             ) -> tuple[StateDict, dict[str, StateDict]]:
+    """Random checkpoints of an encoder's real shapes (no download): θ0 and ``tasks`` experts
+    θ0 + τ with small random τ, in ``dtype`` (bf16 halves an L/14 × 20 pool: 12 GB)."""
+    generator = torch.Generator().manual_seed(seed)
+    pretrained = {k: v.to(dtype) for k, v in build_encoder(encoder_cfg).state_dict().items()}
+    experts = {}
+    for t in range(tasks):
+        experts[f"task{t}"] = {k: (v + 1e-3 * torch.randn(v.shape, generator=generator)
+                                   .to(dtype)) if v.is_floating_point() else v
+                               for k, v in pretrained.items()}
+    return pretrained, experts
+
+
+def merge_table(costs: list[dict], title: str) -> Table:
+    table = Table(title=title, title_justify="left",
+                  caption="one merge, timed once; a validation grid costs grid merges (one Δ "
+                          "where the method declares it) plus one validation pass per point")
+    for column in ("method", "checkpoints", "merge s", "grid points", "grid merges",
+                   "peak RSS GiB"):
+        table.add_column(column, justify="left" if column in ("method", "checkpoints")
+                         else "right")
+    for c in costs:
+        if "error" in c:
+            table.add_row(c["pretty"], "", "-", "-", "-", c["error"].splitlines()[0])
+            continue
+        table.add_row(c["pretty"], c["where"], f"{c['merge_s']:.2f}", str(c["grid_points"]),
+                      str(c["grid_merges"]), f"{c['peak_rss'] / 2**30:.2f}")
+    return table
 
 
 def bench_table(results: list[dict], title: str) -> Table:

@@ -9,13 +9,14 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from torch import nn
 
-from tintcli.adaptation import AdaptationContext, Adapted
+from tintcli.adaptation import AdaptationContext
 from tintcli.benchmark import realism
 from tintcli.cache import ensure_json
 from tintcli.encoders import build_encoder, resolve_device
 from tintcli.errors import TintError
 from tintcli.evaluation import evaluate_state, evaluate_tasks, summarize
 from tintcli.io import StateDict, fingerprint
+from tintcli.merged import Merged
 from tintcli.paths import cache_dir
 from tintcli.pools import FilePool, check_experts_beat_zero_shot, open_pool
 from tintcli.runtime import PRECISIONS, Runtime
@@ -131,11 +132,19 @@ class Workbench:
         return evaluate_state(self.encoder, state, self.heads, self._data(split, tasks),
                               self.runtime)
 
-    def score_adapted(self, adapted: Adapted, split: str = "test") -> dict[str, float]:
-        """Per-task accuracy of an adapted model: its merged encoder (with the task's tint)
-        and the task's own, possibly tinted, head."""
-        return evaluate_tasks(self.encoder, adapted.task_state, adapted.heads,
-                              self._data(split), self.runtime)
+    def score_merged(self, merged: Merged, split: str = "test") -> dict[str, float]:
+        """Per-task accuracy of any method's outcome: task t's encoder state (the shared one,
+        or its own) with task t's head (its own where the method made one)."""
+        heads = {t: merged.head(t, self.heads[t]) for t in self.tasks}
+        return evaluate_tasks(self.encoder, merged.task_state, heads, self._data(split),
+                              self.runtime)
+
+    def expert_accuracy_on(self, split: str) -> dict[str, float]:
+        """Each expert's accuracy on its own task's ``split`` (test: the cached references),
+        what methods that choose by normalised accuracy divide by on validation."""
+        if split == "test":
+            return self.expert_accuracy
+        return {t: self.score(self.experts[t], split, [t])[t] for t in self.tasks}
 
     def adaptation_context(self, seed: int) -> AdaptationContext:
         """Test-time adaptation uses each task's unlabeled test images, as in the papers:

@@ -21,10 +21,12 @@ from tintcli.adaptation.saved import save_adapted
 from tintcli.encoders import build_encoder, resolve_device
 from tintcli.errors import Interrupted, Terminated, TintError
 from tintcli.io import DIGEST_MODES, digest_mode, save_state_dict, set_digest_mode, write_json
-from tintcli.methods import adapt, check_parameters, get_method, merge
+from tintcli.methods import adapt, check_parameters, get_method
+from tintcli.objective import check_objective
 from tintcli.recipes.common import Workbench
 from tintcli.report import progress_bar, realism_text, results_table
 from tintcli.runtime import resolve_precision
+from tintcli.selection import choose
 from tintcli.tasks import check_image_size, describe, task_names
 from tintcli.tracking import (
     ERROR,
@@ -45,16 +47,23 @@ def method_runs(method_cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
 
 
 def _params(method_cfg: DictConfig) -> dict[str, Any]:
+    """The method's parameters (null: chosen on validation over its ``grid``)."""
     params = OmegaConf.to_container(method_cfg, resolve=True)
-    params.pop("name")
-    params.pop("label", None)
+    for key in ("name", "label", "grid"):
+        params.pop(key, None)
     return params
+
+
+def _grid(method_cfg: DictConfig) -> dict[str, Any] | None:
+    grid = method_cfg.get("grid")
+    return OmegaConf.to_container(grid, resolve=True) if grid is not None else None
 
 
 def _label(method_cfg: DictConfig) -> str:
     if method_cfg.get("label"):
         return str(method_cfg.label)
-    params = " ".join(f"{'λ' if k == 'lam' else k}={v}" for k, v in _params(method_cfg).items())
+    params = " ".join(f"{'λ' if k == 'lam' else k}={v}"  # null: chosen, or not used
+                      for k, v in _params(method_cfg).items() if v is not None)
     return f"{method_cfg.name} {params}".strip()
 
 
@@ -131,41 +140,6 @@ class RowLog:
         return f"Rows finished before this ({merged} method row(s)): {self.path}"
 
 
-def check_objective(cfg: DictConfig, searching: bool = False) -> None:
-    """``objective``: which row (``method``: a method name; null = the last method row), which
-    split (``val`` to choose by, as every search must; ``test``) and which ``metric``
-    (average, normalized_average, or a task's name)."""
-    spec = cfg.get("objective") or {}
-    split, metric = spec.get("split", "val"), str(spec.get("metric", "average"))
-    if split not in ("val", "test"):
-        raise TintError(f"objective.split={split} must be val or test")
-    if metric not in ("average", "normalized_average", *cfg.tasks.names):
-        raise TintError(f"objective.metric={metric} must be average, normalized_average or a "
-                        "task of the task set")
-    if searching and split == "test":
-        raise TintError("a search chooses on validation, never on test: set objective.split=val")
-    if searching and split == "val" and not (cfg.get("eval") or {}).get("validation", False):
-        raise TintError("objective.split=val needs every row scored on validation\nSet "
-                        "eval.validation=true (the search presets do).")
-
-
-def objective(payload: dict, cfg: DictConfig) -> float | None:
-    """The value the config's ``objective`` names, from a finished run's rows (None when the
-    run did not score it: a plain run without eval.validation)."""
-    spec = cfg.get("objective") or {}
-    merged = [r for r in payload["rows"] if r["kind"] == "merged"]
-    if spec.get("method"):
-        merged = [r for r in merged if r.get("method") == spec.method]
-    if not merged:
-        return None
-    row = merged[-1] if spec.get("split", "val") == "test" else merged[-1].get("validation")
-    if row is None:
-        return None
-    metric = str(spec.get("metric", "average"))
-    value = row["accuracy"].get(metric) if metric in row.get("accuracy", {}) else row.get(metric)
-    return None if value is None else float(value)
-
-
 def finished_same(run_dir: Path, cfg: DictConfig) -> dict | None:
     """The results of a finished run of this very config (seed included) in ``run_dir``."""
     try:
@@ -190,7 +164,12 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
     architecture = build_encoder(cfg.encoder)  # no weights: what tint= may name, say
     check_image_size(architecture, cfg.tasks, cfg.encoder)
     for _, _, method_cfg in runs:
-        check_parameters(method_cfg.name, _params(method_cfg), architecture)
+        method = check_parameters(method_cfg.name, _params(method_cfg), architecture,
+                                  _grid(method_cfg))
+        if len(task_names(cfg.tasks)) < method.min_tasks:
+            raise TintError(f"{method.pretty} needs at least {method.min_tasks} tasks; "
+                            f"tasks={cfg.tasks.name} has {len(task_names(cfg.tasks))}\n"
+                            "Pick more tasks (tasks.names=[...]), or another method.")
     earlier = rows_to_resume(claim_run_dir(run_dir, cfg.overwrite, console), cfg)
     set_digest_mode(str(cfg.get("digests", "memo")))
     torch.manual_seed(cfg.seed)
@@ -257,7 +236,8 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
 
 def rows_to_resume(kept: Path | None, cfg: DictConfig) -> dict[str, dict]:
     """The method rows an interrupted run of this very config left in this run directory
-    (a requeued SLURM job, a rerun after Ctrl-C), by label: they are not computed again."""
+    (a requeued SLURM job, a rerun after Ctrl-C), by method key: they are not computed
+    again."""
     try:
         earlier = json.loads(kept.read_text()) if kept is not None else {}
     except (OSError, ValueError):
@@ -265,8 +245,8 @@ def rows_to_resume(kept: Path | None, cfg: DictConfig) -> dict[str, dict]:
     config = earlier.get("config") if isinstance(earlier, dict) else None
     if not isinstance(config, dict) or {**config, "overwrite": False} != _resumable(cfg):
         return {}
-    return {row["name"]: row for row in earlier.get("rows", [])
-            if isinstance(row, dict) and row.get("kind") == "merged" and "name" in row}
+    return {row["key"]: row for row in earlier.get("rows", [])
+            if isinstance(row, dict) and row.get("kind") == "merged" and "key" in row}
 
 
 def _resumable(cfg: DictConfig) -> dict:
@@ -282,15 +262,16 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
     with progress_bar(console) as progress:
         for key, label, method_cfg in runs:
             bar = progress.add_task(label, total=None, info="")
-            if label in earlier:  # finished before the run was stopped: kept, not redone
-                log.add(earlier[label])
+            if key in earlier:  # finished before the run was stopped: kept, not redone
+                log.add(earlier[key])
                 tracker.row(log.rows[-1])
                 progress.update(bar, total=1, completed=1,
-                                info=f"avg {100 * earlier[label]['average']:.1f}% (resumed)")
+                                info=f"avg {100 * earlier[key]['average']:.1f}% (resumed)")
                 continue
             params = _params(method_cfg)
             method = get_method(method_cfg.name)  # parameters were checked before loading
-            extra: dict[str, Any] = {}
+            extra: dict[str, Any] = {"reference": {"pretty": method.pretty, "row": method.row(
+                params), "paper": method.paper, "code": method.code}}
             if method.adaptive:
                 context = context or bench.adaptation_context(cfg.seed)
                 def on_step(done, total, loss, lambdas, bar=bar, key=key) -> None:
@@ -305,31 +286,45 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
                 context.checkpoint_key = {"config": _resumable(cfg),
                                           "checkpoints": bench.pool.checkpoint_hashes()}
                 context.console = console
-                adapted = adapt(method_cfg.name, bench.pretrained, bench.experts, context,
-                                **params)
-                accuracy = bench.score_adapted(adapted)
-                if validation:
-                    extra["validation"] = _validation(bench.score_adapted(adapted, "val"))
+                merged = adapt(method_cfg.name, bench.pretrained, bench.experts, context,
+                               **params)
                 extra["adaptation"] = {
-                    "loss_curve": adapted.loss_curve,
-                    "lambdas": {"layers": adapted.layer_names, "tasks": adapted.tasks,
-                                "values": adapted.lambdas.tolist()},
-                    "files": save_adapted(adapted, run_dir / "adapted" / key, label,
+                    "loss_curve": merged.loss_curve,
+                    "lambdas": {"layers": merged.layer_names, "tasks": merged.tasks,
+                                "values": merged.lambdas.tolist()},
+                    "files": save_adapted(merged, run_dir / "adapted" / key, label,
                                           merged=cfg.save_merged)}
             else:
-                merged = merge(method_cfg.name, bench.pretrained, bench.experts, **params)
-                accuracy = bench.score(merged)
-                if validation:
-                    extra["validation"] = _validation(bench.score(merged, "val"))
+                def on_point(done, total, bar=bar) -> None:
+                    progress.update(bar, completed=done, total=total, info="grid on validation")
+
+                normalize = (bench.expert_accuracy_on("val")
+                             if method.choose_by == "normalized_average" else None)
+                merged = choose(method, bench.pretrained, bench.experts, params,
+                                _grid(method_cfg), lambda m: bench.score_merged(m, "val"),
+                                normalize, on_point)
                 if cfg.save_merged:
-                    save_state_dict(merged, run_dir / "merged" / f"{key}.safetensors",
+                    save_state_dict(merged.state, run_dir / "merged" / f"{key}.safetensors",
                                     {"method": label})
-            log.add(bench.row(label, accuracy, method=method_cfg.name, params=params, **extra))
+            accuracy = bench.score_merged(merged)
+            if validation:
+                extra["validation"] = _validation(bench.score_merged(merged, "val"))
+            if "search" in merged.info:  # what was chosen on validation, and every grid point
+                extra["search"] = merged.info["search"]  # params keep the config's null
+                label = f"{label} ({_chosen(merged.info['search'])})"
+            log.add(bench.row(label, accuracy, method=method_cfg.name, key=key, params=params,
+                              **extra))
             tracker.row(log.rows[-1])
             average = sum(accuracy.values()) / len(accuracy)
             progress.update(bar, total=progress.tasks[bar].total or 1,
                             completed=progress.tasks[bar].total or 1,
                             info=f"avg {100 * average:.1f}%")
+
+
+def _chosen(search: dict) -> str:
+    """``α=1.2 on val`` for a row's label."""
+    return ", ".join(f"{'α' if k == 'alpha' else k}={v:g}" if isinstance(v, float) else
+                     f"{k}={v}" for k, v in search["chosen"].items()) + " on val"
 
 
 def _validation(accuracy: dict[str, float]) -> dict:

@@ -25,6 +25,7 @@ from rich.table import Table
 
 from tintcli.errors import TintError
 from tintcli.io import atomic_write, canonical, fingerprint
+from tintcli.methods import get_method
 
 # PAPER.md's reference averages: (encoder, task set, checkpoint pool kind) -> row -> %.
 # task_vectors-style checkpoints: the final-version table; hf: FusionBench's own re-run.
@@ -35,7 +36,13 @@ _FINAL = {  # (B/32 8, 14, 20), (L/14 8, 14, 20)
     "ties": ((72.9, 65.2, 63.1), (86.0, 80.5, 73.0)),
     "adamerging": ((80.1, 76.7, 69.6), (90.8, 85.2, 82.1)),
     "tinting": ((90.1, 88.7, 88.6), (94.1, 92.8, 93.2)),
-}
+    "consensus_ta": ((74.9, 70.3, 65.0), (86.6, 82.3, 78.9)),
+    "tsv_m": ((84.0, 80.1, 76.6), (91.5, 88.2, 87.2)),
+    "iso_cts": ((84.2, 80.6, 76.9), (93.0, 89.7, 89.2)),
+    "emr": ((88.7, 86.1, 86.6), (93.7, 91.4, 92.0)),
+    "pcb": ((75.6, 63.8, 52.7), (87.5, 81.3, 73.4)),       # SyMerge's text
+    "lines_ta": ((74.1, 68.0, 63.7), (86.9, 80.4, 75.7)),  # SyMerge's text
+}  # CART's own numbers (84.7, ...) are on the TALL-masks checkpoints: not comparable here
 REFERENCES: dict[tuple[str, str, str], dict[str, float]] = {
     (encoder, tasks, "task_vectors"): {row: values[e][t] for row, values in _FINAL.items()}
     for e, encoder in enumerate(("clip_vit_b32", "clip_vit_l14"))
@@ -107,16 +114,18 @@ def find_results(paths: list[str]) -> list[Path]:
 
 
 def _method_key(row: dict) -> str:
-    """The row's method as the references name it (AdaMerging task-wise and ++ apart)."""
+    """The reference row (PAPER.md's) a row reproduces, as its method declares it (results
+    record it; for older ones the registry says, e.g. AdaMerging++ from its parameters)."""
     if row["kind"] == "reference":
         return row["name"]
-    method, params = row.get("method") or row["name"], row.get("params") or {}
-    if method == "adamerging":
-        if params.get("ties_top_k") is not None:
-            return "adamerging_pp" if params.get("granularity", "layer") == "layer" else "-"
-        return "adamerging" if params.get("granularity", "layer") == "layer" else \
-            "adamerging_task"
-    return method
+    declared = (row.get("reference") or {}).get("row")
+    if declared:
+        return declared
+    method = row.get("method") or row["name"]
+    try:
+        return get_method(method).row(row.get("params") or {})
+    except TintError:
+        return method
 
 
 class Damaged(ValueError):

@@ -1,0 +1,125 @@
+"""The one method contract (tintcli/methods.py, merged.py, selection.py): what a method
+declares is what runs, what is chosen on validation is chosen there, and every method's
+outcome scores the same way."""
+
+import pytest
+import torch
+from conftest import compose_config
+
+from tintcli.errors import TintError
+from tintcli.merged import Merged
+from tintcli.methods import MERGE_METHODS, check_parameters, register, registered, run
+from tintcli.selection import choose
+
+
+@pytest.fixture
+def scaled():
+    """A method θ0 + α·Σ τ whose α is chosen on validation from a grid, with a declared Δ;
+    it counts its calls."""
+    calls = {"merge": 0, "delta": 0}
+
+    def delta(pretrained, experts):
+        calls["delta"] += 1
+        return {k: sum(e[k] - v for e in experts.values()) for k, v in pretrained.items()}
+
+    def check(params, encoder=None):
+        if "alpha" in params and not params["alpha"] > 0:
+            raise ValueError(f"alpha={params['alpha']} must be a positive number")
+
+    @register("scaled_for_test", check=check, search={"alpha": (0.5, 1.0, 1.5, 2.0)},
+              delta=delta)
+    def scaled_merge(pretrained, experts, alpha: float = 1.0):
+        calls["merge"] += 1
+        return {k: v + alpha * d for (k, v), d in zip(pretrained.items(),
+                                                      delta(pretrained, experts).values(),
+                                                      strict=True)}
+
+    yield MERGE_METHODS["scaled_for_test"], calls
+    del MERGE_METHODS["scaled_for_test"]
+
+
+POOL = ({"w": torch.zeros(2)}, {"a": {"w": torch.tensor([1.0, 0.0])},
+                                "b": {"w": torch.tensor([0.0, 1.0])}})
+
+
+def _peaked_at(best: float):
+    """A validation score that peaks where the merged weight equals ``best``."""
+    return lambda merged: {"a": 1 - abs(float(merged.state["w"][0]) - best), "b": 1.0}
+
+
+def test_the_grid_point_best_on_validation_is_chosen_and_every_point_recorded(scaled):
+    method, calls = scaled
+    merged = choose(method, *POOL, {"alpha": None}, None, _peaked_at(1.5))
+    search = merged.info["search"]
+    assert search["chosen"] == {"alpha": 1.5} and search["split"] == "val"
+    assert [t["params"]["alpha"] for t in search["trials"]] == [0.5, 1.0, 1.5, 2.0]
+    assert torch.equal(merged.state["w"], torch.tensor([1.5, 1.5]))
+    assert calls == {"merge": 0, "delta": 1}  # one Δ for the whole grid, no full merges
+
+
+def test_ties_on_validation_keep_the_first_point_and_a_config_grid_replaces_the_methods(scaled):
+    method, _ = scaled
+    flat = choose(method, *POOL, {"alpha": None}, None, lambda merged: {"a": 0.5})
+    assert flat.info["search"]["chosen"] == {"alpha": 0.5}
+    mine = choose(method, *POOL, {"alpha": None}, {"alpha": [2.0, 1.5]}, _peaked_at(1.0))
+    assert [t["params"]["alpha"] for t in mine.info["search"]["trials"]] == [2.0, 1.5]
+    assert mine.info["search"]["chosen"] == {"alpha": 1.5}
+
+
+def test_a_fixed_value_skips_the_search(scaled):
+    method, calls = scaled
+    merged = choose(method, *POOL, {"alpha": 2.0}, None, _peaked_at(1.0))
+    assert "search" not in merged.info and calls["merge"] == 1
+    assert torch.equal(merged.state["w"], torch.tensor([2.0, 2.0]))
+
+
+@pytest.mark.parametrize("params, grid, message", [
+    ({"alpha": None}, {"alpha": []}, "grid.alpha=[] must list the values of alpha"),
+    ({"alpha": None}, {"alpha": [1.0, float("nan")]}, "alpha=nan must be a positive number "
+                                                       "(in grid.alpha)"),
+    ({"alpha": None}, {"beta": [1.0]}, "grid.beta names no parameter it chooses on validation"),
+    ({"alpha": float("nan")}, None, "alpha=nan must be a positive number"),
+])
+def test_a_bad_grid_or_value_is_one_line_before_any_work(scaled, params, grid, message):
+    with pytest.raises(TintError, match=message.replace("[", r"\[").replace("]", r"\]")
+                       .replace("(", r"\(").replace(")", r"\)")):
+        check_parameters("scaled_for_test", params, None, grid)
+
+
+def test_every_methods_config_is_what_its_signature_declares():
+    """The YAMLs hold no second copy of a default: each method's composed config has exactly
+    its function's parameters and defaults (null where chosen on validation), so a default
+    changed in the code is the default a run uses."""
+    for name, method in registered().items():
+        if name.endswith("_for_test"):
+            continue
+        cfg = compose_config(overrides=[f"method={name}"]).method
+        params = {k: v for k, v in cfg.items() if k not in ("name", "label", "grid")}
+        if name == "tinting":
+            params["sampler"] = method.defaults["sampler"]  # the sampler group's, all
+        assert params == method.defaults, name
+        assert ("grid" in cfg) == bool(method.search), name
+
+
+def test_a_chosen_parameter_is_null_in_the_config_and_a_number_fixes_it():
+    cfg = compose_config(overrides=["method=tsv_m"]).method
+    assert cfg.alpha is None and list(cfg.grid.alpha)[:3] == [0.1, 0.2, 0.3]
+    assert compose_config(overrides=["method=tsv_m", "method.alpha=1.0"]).method.alpha == 1.0
+
+
+def test_a_per_task_outcome_scores_each_task_with_its_own_model(tiny_cache):
+    """EMR's outcome: evaluation asks for task t's model and gets it (never the shared
+    state), without knowing which method made it."""
+    from rich.console import Console
+
+    from tintcli.recipes.common import Workbench
+
+    bench = Workbench.load(compose_config(overrides=["device=cpu"]), Console(quiet=True))
+    merged = run("emr", bench.pretrained, bench.experts)
+    assert isinstance(merged, Merged) and merged.per_task
+    scores = bench.score_merged(merged)
+    for task in bench.tasks:
+        own = bench.score(merged.task_state(task), tasks=[task])[task]
+        assert scores[task] == own
+    assert not torch.equal(merged.task_state(bench.tasks[0])["blocks.0.mlp.fc1.weight"],
+                           merged.task_state(bench.tasks[1])["blocks.0.mlp.fc1.weight"])

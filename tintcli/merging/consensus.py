@@ -1,0 +1,153 @@
+"""Consensus TA (Wang et al., 2024, "Localizing Task Information for Improved Model Merging
+and Compression"): task arithmetic restricted to the weights that several tasks use.
+
+Reference: nik-dim/tall_masks, https://github.com/nik-dim/tall_masks —
+``src/utils/tallmask_utils.py`` (``generate_task_masks``, ``construct_consensus_mask``) and
+``src/eval/aggregation.py`` (method ``consensus`` with its default ``k: 100``, i.e. no
+magnitude pruning of the task vectors before they are summed).
+
+1. tau = sum_t tau_t;
+2. TALL mask of task t: m_t = |theta_0 - theta_t| > lambda_t * |theta_0 + tau - theta_t|
+   (strictly greater). The authors build the masks for every lambda in ``TALL_LAMBDAS`` and
+   keep, per task, the one whose per-task model theta_0 + m_t * tau has the best validation
+   accuracy on that task; this module takes the chosen lambda_t as a parameter;
+3. consensus mask: the entries with sum_t m_t >= ``min_agreement`` (2 by default: drops the
+   "catastrophic" weights no task uses and the "selfish" ones only one task uses);
+4. theta = theta_0 + alpha * (consensus mask * tau); the authors pick alpha from
+   ``CONSENSUS_ALPHAS`` on validation (average normalised accuracy).
+
+Which tensors: every floating-point entry, element by element, whatever its shape (1-D
+norms and biases, the 4-D patch embedding, cls/pos embeddings, the head, ``text.*``
+extras), as the reference flattens the whole state dict. ``text.*`` extras have tau = 0,
+so no task's mask holds them and they stay theta_0. Integer buffers are copied from theta_0.
+
+Memory: one tensor at a time, its T expert slices stacked, in slices of at most ``CHUNK``
+entries; ``tall_masks`` itself returns T boolean state dicts (one byte per entry and task).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+
+import torch
+
+from tintcli.checks import number, whole
+from tintcli.errors import TintError
+from tintcli.io import StateDict
+from tintcli.merging.task_vectors import mergeable
+from tintcli.methods import register
+
+TALL_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)  # the authors' per-task grid for lambda_t
+CONSENSUS_ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1, ..., 1.0
+
+Lambdas = Mapping[str, float] | float
+
+
+def check_consensus(params: Mapping[str, object], encoder=None) -> None:
+    number(params, "alpha")
+    whole(params, "min_agreement", 1)
+    if "lambdas" in params:
+        lambdas = params["lambdas"]
+        values = ({f"lambdas.{task}": v for task, v in lambdas.items()}
+                  if isinstance(lambdas, Mapping) else {"lambdas": lambdas})
+        for key in values:
+            number(values, key, 0, None, must="a finite number >= 0 (a TALL-mask lambda)")
+
+
+def task_lambdas(lambdas: Lambdas, tasks: list[str]) -> list[float]:
+    """lambda_t per task, in the experts' order: one number for all, or one per task name."""
+    if not isinstance(lambdas, Mapping):
+        return [float(lambdas)] * len(tasks)
+    missing, extra = set(tasks) - set(lambdas), set(lambdas) - set(tasks)
+    if missing or extra:
+        raise TintError(f"TALL-mask lambdas must name exactly the tasks {sorted(tasks)}; "
+                        f"missing {sorted(missing)}, unknown {sorted(extra)}")
+    return [float(lambdas[t]) for t in tasks]
+
+
+CHUNK = 1 << 22  # entries per slice: T x 16 MiB per fp32 temporary
+
+
+def stacked_chunks(pretrained: Mapping[str, torch.Tensor],
+                   experts: Mapping[str, Mapping[str, torch.Tensor]], key: str,
+                   size: int | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """One entry of theta_0 and of the T experts, flattened and in fp32, in slices of at most
+    ``size`` (default ``CHUNK``) entries: (slice, theta_0 part, stacked (T, part)).
+    Element-wise merges loop over these so that their (T, n) temporaries stay small even for
+    the largest tensor (the ``text.token_embedding`` extra: 25M entries for B/32). Shared by
+    the data-free merges of pcb.py, lines.py and cart.py."""
+    size = size or CHUNK
+    theta0 = pretrained[key].reshape(-1)
+    flats = [expert[key].reshape(-1) for expert in experts.values()]
+    for start in range(0, theta0.numel(), size):
+        part = slice(start, start + size)
+        yield part, theta0[part].float(), torch.stack([f[part].float() for f in flats])
+
+
+def _masks(theta0: torch.Tensor, thetas: torch.Tensor, scale: torch.Tensor,
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """tau and the T TALL masks of a slice. The reference's arithmetic: |theta_0 - theta_t|
+    (= |tau_t| exactly) against |theta_0 + tau - theta_t| times lambda_t in fp32 (as a Python
+    scalar multiplies an fp32 tensor)."""
+    taus = thetas - theta0
+    tau = taus.sum(0)
+    return tau, taus.abs_() > (theta0 + tau - thetas).abs_().mul_(scale)
+
+
+def _float_keys(pretrained: Mapping[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in pretrained.items() if mergeable(v)]
+
+
+def tall_masks(pretrained: Mapping[str, torch.Tensor],
+               experts: Mapping[str, Mapping[str, torch.Tensor]],
+               lambdas: Lambdas) -> dict[str, StateDict]:
+    """Per task, a boolean mask per float entry: where theta_t is closer to theta_0 + tau
+    than to theta_0 by the factor lambda_t (the authors' per-task localisation)."""
+    tasks = list(experts)
+    scale = torch.tensor(task_lambdas(lambdas, tasks)).reshape(-1, 1)
+    out: dict[str, StateDict] = {task: {} for task in tasks}
+    for key in _float_keys(pretrained):
+        value = pretrained[key]
+        masks = torch.empty(len(tasks), value.numel(), dtype=torch.bool, device=value.device)
+        for part, theta0, thetas in stacked_chunks(pretrained, experts, key):
+            masks[:, part] = _masks(theta0, thetas, scale.to(theta0.device))[1]
+        for task, mask in zip(tasks, masks, strict=True):
+            out[task][key] = mask.reshape(value.shape)
+    return out
+
+
+def consensus_delta(pretrained: Mapping[str, torch.Tensor],
+                    experts: Mapping[str, Mapping[str, torch.Tensor]], lambdas: Lambdas = 0.4,
+                    min_agreement: int = 2) -> StateDict:
+    """mask ⊙ τ: the merge is θ0 + alpha·this, so a grid over alpha needs it once."""
+    merged = consensus_merge(pretrained, experts, 1.0, lambdas, min_agreement)
+    return {k: merged[k].float() - v.float() for k, v in pretrained.items() if mergeable(v)}
+
+
+@register("consensus_ta", check=check_consensus, pretty="Consensus TA",
+          paper="https://arxiv.org/abs/2405.07813", code="https://github.com/nik-dim/tall_masks",
+          search={"alpha": CONSENSUS_ALPHAS}, delta=consensus_delta,
+          choose_by="normalized_average")
+def consensus_merge(pretrained: Mapping[str, torch.Tensor],
+                    experts: Mapping[str, Mapping[str, torch.Tensor]], alpha: float = 0.3,
+                    lambdas: Lambdas = 0.4, min_agreement: int = 2) -> StateDict:
+    """theta_0 + alpha * tau on the entries at least ``min_agreement`` TALL masks keep.
+
+    ``alpha`` 0.3 and ``lambdas`` 0.4 (mid-grid) are tint's defaults, not the authors': they
+    choose both on validation (``CONSENSUS_ALPHAS``, ``TALL_LAMBDAS``)."""
+    check_consensus({"alpha": alpha, "lambdas": lambdas, "min_agreement": min_agreement})
+    if not experts:
+        raise TintError("Consensus TA needs at least one expert")
+    scale = torch.tensor(task_lambdas(lambdas, list(experts))).reshape(-1, 1)
+    out: StateDict = {}
+    for key, value in pretrained.items():
+        if not mergeable(value):
+            out[key] = value.clone()
+            continue
+        merged = torch.empty(value.numel(), dtype=value.dtype, device=value.device)
+        for part, theta0, thetas in stacked_chunks(pretrained, experts, key):
+            tau, masks = _masks(theta0, thetas, scale.to(theta0.device))
+            consensus = masks.sum(0) >= min_agreement
+            merged[part] = theta0 + alpha * (tau * consensus)
+        out[key] = merged.reshape(value.shape)
+    return out

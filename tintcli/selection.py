@@ -1,0 +1,76 @@
+"""Choosing a method's parameters on the validation split, as its authors did.
+
+A method declares which parameters are chosen and over which grid (``register(search=...)``);
+a config value of null means "choose", a number fixes it. Every point of the grid (the
+product, where several are searched) is merged and scored on validation; the best by the
+method's metric (ties: the first) is kept, and every point and the choice go to results.json.
+Test is never looked at here.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tintcli.io import StateDict
+from tintcli.merged import Merged
+from tintcli.merging.task_vectors import add_task_vector
+from tintcli.methods import Method, run
+
+Score = Callable[[Merged], dict[str, float]]  # per-task validation accuracy of a merged model
+
+
+def searched(method: Method, params: Mapping[str, Any],
+             grid: Mapping[str, Any] | None) -> dict[str, tuple]:
+    """The parameters this configuration leaves to validation, with their grids (the
+    config's ``grid`` where it gives one, else the method's own)."""
+    grids = {**method.search, **(grid or {})}
+    return {k: tuple(grids[k]) for k in method.search if params.get(k) is None}
+
+
+def choose(method: Method, pretrained: StateDict, experts: Mapping[str, StateDict],
+           params: Mapping[str, Any], grid: Mapping[str, Any] | None, score: Score,
+           normalize: Mapping[str, float] | None = None,
+           on_point: Callable[[int, int], None] | None = None) -> Merged:
+    """The method's ``Merged`` at the grid point with the best validation score (the plain
+    merge where nothing is searched). ``normalize``: each task's expert accuracy, for methods
+    that choose by normalised accuracy."""
+    grids = searched(method, params, grid)
+    if not grids:
+        return run(method.name, pretrained, experts, **params)
+    fixed = {k: v for k, v in params.items() if k not in grids}
+    if method.delta is not None and set(grids) == {"alpha"}:  # θ0 + α·Δ: one Δ for the grid
+        delta = method.delta(pretrained, experts, **fixed)
+
+        def make(point: dict) -> Merged:
+            return Merged(method.name, add_task_vector(pretrained, delta, point["alpha"]))
+    else:
+        def make(point: dict) -> Merged:
+            return run(method.name, pretrained, experts, **fixed, **point)
+
+    points = [dict(zip(grids, values, strict=True))
+              for values in itertools.product(*grids.values())]
+    trials, best, best_value = [], None, None
+    for i, point in enumerate(points):
+        merged = make(point)
+        accuracy = score(merged)
+        value = _metric(accuracy, method.choose_by, normalize)
+        trials.append({"params": point, "value": value, "accuracy": accuracy})
+        if best_value is None or value > best_value:
+            best, best_value = (point, merged), value
+        if on_point is not None:
+            on_point(i + 1, len(points))
+    point, merged = best
+    merged.info["search"] = {"split": "val", "metric": method.choose_by,
+                             "grid": {k: list(v) for k, v in grids.items()},
+                             "chosen": point, "value": best_value, "trials": trials}
+    return merged
+
+
+def _metric(accuracy: Mapping[str, float], metric: str,
+            normalize: Mapping[str, float] | None) -> float:
+    if metric == "normalized_average" and normalize is not None:
+        values = [accuracy[t] / normalize[t] for t in accuracy if normalize.get(t)]
+        return sum(values) / max(len(values), 1)
+    return sum(accuracy.values()) / max(len(accuracy), 1)
