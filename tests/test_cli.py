@@ -143,7 +143,9 @@ def test_experiment_presets_compose():
     cfg = compose_config(overrides=["+experiment=synth8_ta_sweep"], tiny=False)
     assert cfg.method.name == "task_arithmetic" and cfg.tasks.name == "synth8"
     cfg = compose_config(overrides=["+experiment=synth8_table"], tiny=False)
-    assert set(cfg.method.methods) == {"weight_averaging", "task_arithmetic", "ties"}
+    assert set(cfg.method.methods) == {"weight_averaging", "task_arithmetic", "ties",
+                                       "consensus_ta", "tsv_m", "iso_c", "iso_cts", "emr",
+                                       "pcb", "lines_ta", "cart"}  # every data-free row
     # TIES dis-mean is the original paper's, at its own lambda (about 1), and says so
     cfg = compose_config(overrides=["method=ties_mean"])
     assert (cfg.method.merge, cfg.method.lam) == ("mean", 1.0)
@@ -239,7 +241,7 @@ def test_a_failing_method_keeps_the_rows_already_finished(tiny_cache, tmp_path, 
     assert "Rows finished before this (11 method row(s))" in str(err.value)  # the data-free
     partial = json.loads((run_dir / "results.partial.json").read_text())
     names = [r["name"] for r in partial["rows"]]
-    assert names[-1] == "cart lam=2.0 rank_fraction=0.12" and len(names) == 13
+    assert names[-1] == "cart λ=2.0 rank_fraction=0.12" and len(names) == 13
     assert partial["error"] == "adamerging broke"
     assert not (run_dir / "results.json").exists()
 

@@ -147,7 +147,7 @@ def test_merge_over_a_task_vectors_pool_runs_every_method(run_tint, tmp_path, re
     assert out.returncode == 0, out.stderr
     results = json.loads((tmp_path / "tv" / "results.json").read_text())
     names = [r["name"] for r in results["rows"]]
-    assert len(names) == 2 + 8 and "Model Tinting++" in names
+    assert len(names) == 2 + 16 and "Model Tinting++" in names and "emr" in names
     assert results["pool"]["kind"] == "task_vectors" and results["realism"] is None
     zeroshot, experts = results["rows"][0], results["rows"][1]
     assert all(experts["accuracy"][t] > zeroshot["accuracy"][t] for t in TASKS)

@@ -91,8 +91,8 @@ def test_ctrl_c_keeps_every_finished_row(cache, tmp_path):
     finally:
         proc.kill()  # never leave a 100000-epoch run behind
         proc.communicate()
-    assert code == 130
-    assert err.splitlines()[0] == "error: interrupted (Ctrl-C)"
+    assert code == 130, err
+    assert err.splitlines()[0] == "error: interrupted (Ctrl-C)", err
     assert "Traceback" not in err
     kept = json.loads(partial.read_text())
     assert kept["error"] == "interrupted"

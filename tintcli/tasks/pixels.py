@@ -111,9 +111,11 @@ def pixel_split(name: str, source: dict, open_dataset: Callable[[], Any],
             _Decode(dataset, selected, image_column, label_column, transform), batch_size=None,
             num_workers=workers if count > 4 * BATCH else 0)
         done = 0
+        out = console or Console(stderr=True)
         with Progress("[progress.description]{task.description}", BarColumn(),
-                      MofNCompleteColumn(), TimeRemainingColumn(),
-                      console=console or Console(stderr=True), transient=True) as progress:
+                      MofNCompleteColumn(), TimeRemainingColumn(), console=out,
+                      transient=True, disable=not out.is_terminal) as progress:
+            # (a transient bar in a log or a pipe would leave an empty line there)
             doing = "caching" if kept(folder) else "decoding (for this run only)"
             bar = progress.add_task(f"{doing} {name} pixels", total=count)
             for batch_images, batch_labels in loader:
