@@ -303,7 +303,10 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
                 merged = choose(method, bench.pretrained, bench.experts, params,
                                 _grid(method_cfg), lambda m: bench.score_merged(m, "val"),
                                 normalize, on_point)
-                if cfg.save_merged:
+                if cfg.save_merged and merged.per_task:  # no one encoder to keep
+                    console.print(f"[yellow]note:[/] {label}: each task runs its own model, "
+                                  "so save_merged keeps no merged encoder for it")
+                elif cfg.save_merged:
                     save_state_dict(merged.state, run_dir / "merged" / f"{key}.safetensors",
                                     {"method": label})
             accuracy = bench.score_merged(merged)
