@@ -177,11 +177,6 @@ def test_merging_functions_are_importable_from_the_package():
             "tinting"} <= set(registered())
 
 
-FAST = ["method.methods.adamerging_task.steps=2", "method.methods.adamerging.steps=2",
-        "method.methods.adamerging_pp.steps=2", "method.methods.tinting.epochs=1",
-        "method.methods.tinting_pp.epochs=1"]
-
-
 def test_adaptive_methods_over_seeds_give_mean_and_std(run_tint, tmp_path):
     sweep = tmp_path / "seeds"
     out = run_tint("merge", "-m", *TINY, "method=tinting_pp", "method.epochs=2", "seed=0,1",

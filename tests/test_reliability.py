@@ -486,9 +486,10 @@ def test_bad_values_fail_in_one_line_before_the_zoo_loads(cache, tmp_path, overr
 
 # ------------------------------------- 8. a stopped run, rerun, ends as if never stopped
 
-FAST = ["method=all", "~method.methods.adamerging_pp", "~method.methods.tinting",
-        "~method.methods.tinting_pp", "method.methods.adamerging_task.steps=2",
-        "method.methods.adamerging.steps=4", "checkpoint_every=2"]
+FAST = ["method=data_free", "+method@method.methods.adamerging_task=adamerging",
+        "method.methods.adamerging_task.granularity=task", "method.methods.adamerging_task.steps=2",
+        "+method@method.methods.adamerging=adamerging", "method.methods.adamerging.steps=4",
+        "checkpoint_every=2"]
 
 
 def test_a_run_stopped_by_sigterm_resumes_its_rows_and_checkpoint_to_the_same_numbers(
