@@ -599,7 +599,8 @@ def test_slices_give_the_same_merge(monkeypatch):
     """The element-wise passes run over slices of at most CHUNK entries of a tensor; slices
     cutting through tensors (here 1009 entries) change nothing but the last bit of a few sums
     (torch's sum over the T rows groups its additions by the slice's shape)."""
-    import tintcli.merging.consensus as consensus
+    import tintcli.merging.task_vectors as task_vectors
+
 
     pretrained, experts = make_models(seed=4, width=32)
     merges = (lambda: consensus_merge(pretrained, experts, lambdas=LAMBDAS),
@@ -607,7 +608,7 @@ def test_slices_give_the_same_merge(monkeypatch):
               lambda: cart_merge(pretrained, experts))
     whole = [merge() for merge in merges]
     masks = tall_masks(pretrained, experts, LAMBDAS)
-    monkeypatch.setattr(consensus, "CHUNK", 1009)
+    monkeypatch.setattr(task_vectors, "CHUNK", 1009)
     for merge, expected in zip(merges, whole, strict=True):
         for key, value in merge().items():
             assert_close(value, expected[key], rtol=1e-6, atol=1e-8)

@@ -38,8 +38,7 @@ import torch
 from tintcli.checks import number
 from tintcli.errors import TintError
 from tintcli.io import StateDict
-from tintcli.merging.consensus import stacked_chunks
-from tintcli.merging.task_vectors import mergeable
+from tintcli.merging.task_vectors import mergeable, merged_in_chunks
 from tintcli.methods import register
 
 _ATTN_OR_MLP = re.compile(r"^blocks\.\d+\.(attn|mlp)\.")
@@ -96,8 +95,6 @@ def cart_merge(pretrained: Mapping[str, torch.Tensor],
             out[key] = merged.to(value.dtype)
             continue
         # every other entry: theta_avg, element-wise, in slices
-        merged = torch.empty(value.numel(), dtype=value.dtype, device=value.device)
-        for part, theta0, thetas in stacked_chunks(pretrained, experts, key):
-            merged[part] = _average(theta0, thetas)
-        out[key] = merged.reshape(value.shape)
+        out[key] = merged_in_chunks(pretrained, experts, key,
+                                    lambda part, theta0, thetas: _average(theta0, thetas))
     return out

@@ -27,14 +27,14 @@ entries; ``tall_masks`` itself returns T boolean state dicts (one byte per entry
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 
 import torch
 
 from tintcli.checks import number, whole
 from tintcli.errors import TintError
 from tintcli.io import StateDict
-from tintcli.merging.task_vectors import mergeable
+from tintcli.merging.task_vectors import mergeable, merged_in_chunks, stacked_chunks
 from tintcli.methods import register
 
 TALL_LAMBDAS = (0.2, 0.3, 0.4, 0.5, 0.6)  # the authors' per-task grid for lambda_t
@@ -63,25 +63,6 @@ def task_lambdas(lambdas: Lambdas, tasks: list[str]) -> list[float]:
         raise TintError(f"TALL-mask lambdas must name exactly the tasks {sorted(tasks)}; "
                         f"missing {sorted(missing)}, unknown {sorted(extra)}")
     return [float(lambdas[t]) for t in tasks]
-
-
-CHUNK = 1 << 22  # entries per slice: T x 16 MiB per fp32 temporary
-
-
-def stacked_chunks(pretrained: Mapping[str, torch.Tensor],
-                   experts: Mapping[str, Mapping[str, torch.Tensor]], key: str,
-                   size: int | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
-    """One entry of theta_0 and of the T experts, flattened and in fp32, in slices of at most
-    ``size`` (default ``CHUNK``) entries: (slice, theta_0 part, stacked (T, part)).
-    Element-wise merges loop over these so that their (T, n) temporaries stay small even for
-    the largest tensor (the ``text.token_embedding`` extra: 25M entries for B/32). Shared by
-    the data-free merges of pcb.py, lines.py and cart.py."""
-    size = size or CHUNK
-    theta0 = pretrained[key].reshape(-1)
-    flats = [expert[key].reshape(-1) for expert in experts.values()]
-    for start in range(0, theta0.numel(), size):
-        part = slice(start, start + size)
-        yield part, theta0[part].float(), torch.stack([f[part].float() for f in flats])
 
 
 def _masks(theta0: torch.Tensor, thetas: torch.Tensor, scale: torch.Tensor,
@@ -144,10 +125,9 @@ def consensus_merge(pretrained: Mapping[str, torch.Tensor],
         if not mergeable(value):
             out[key] = value.clone()
             continue
-        merged = torch.empty(value.numel(), dtype=value.dtype, device=value.device)
-        for part, theta0, thetas in stacked_chunks(pretrained, experts, key):
+        def combine(part: slice, theta0: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
             tau, masks = _masks(theta0, thetas, scale.to(theta0.device))
-            consensus = masks.sum(0) >= min_agreement
-            merged[part] = theta0 + alpha * (tau * consensus)
-        out[key] = merged.reshape(value.shape)
+            return theta0 + alpha * (tau * (masks.sum(0) >= min_agreement))
+
+        out[key] = merged_in_chunks(pretrained, experts, key, combine)
     return out

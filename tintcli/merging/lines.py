@@ -31,8 +31,7 @@ import torch
 from tintcli.checks import number
 from tintcli.errors import TintError
 from tintcli.io import StateDict
-from tintcli.merging.consensus import stacked_chunks
-from tintcli.merging.task_vectors import mergeable
+from tintcli.merging.task_vectors import mergeable, merged_in_chunks
 from tintcli.methods import register
 
 LINES_BETAS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # the authors' grid 0.1 .. 1.0
@@ -92,8 +91,7 @@ def lines_ta_merge(pretrained: Mapping[str, torch.Tensor],
         if not mergeable(value):
             out[key] = value.clone()
             continue
-        merged = torch.empty(value.numel(), dtype=value.dtype, device=value.device)
-        for part, theta0, thetas in stacked_chunks(pretrained, experts, key):
-            merged[part] = theta0 + (thetas - theta0).sum(0) * scales[key]
-        out[key] = merged.reshape(value.shape)
+        out[key] = merged_in_chunks(
+            pretrained, experts, key,
+            lambda part, theta0, thetas, k=key: theta0 + (thetas - theta0).sum(0) * scales[k])
     return out

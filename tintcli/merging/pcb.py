@@ -49,8 +49,7 @@ import torch
 from tintcli.checks import number
 from tintcli.errors import TintError
 from tintcli.io import StateDict
-from tintcli.merging.consensus import stacked_chunks
-from tintcli.merging.task_vectors import mergeable
+from tintcli.merging.task_vectors import mergeable, merged_in_chunks, stacked_chunks
 from tintcli.methods import register
 
 
@@ -163,13 +162,14 @@ def pcb_merge(pretrained: Mapping[str, torch.Tensor],
         if key not in competition:
             out[key] = value.clone()
             continue
-        merged = torch.empty(value.numel(), dtype=value.dtype, device=value.device)
-        for part, theta0, thetas in stacked_chunks(pretrained, experts, key):
+        def combine(part: slice, theta0: torch.Tensor, thetas: torch.Tensor,
+                    key: str = key) -> torch.Tensor:
             taus = thetas - theta0
             clipped, normalised = _clip(taus, low, high)
             beta = _balancing(taus, normalised, competition[key][part], n_tasks)
             weights = _normalised(beta.clamp_(min=threshold), threshold, maximum)
             scaled = clipped.mul_(torch.sign(taus)).mul_(lam)  # sign(tau) * clipped * lam
-            merged[part] = theta0 + scaled.mul_(weights).sum(0) / weights.sum(0).clamp(min=1e-12)
-        out[key] = merged.reshape(value.shape)
+            return theta0 + scaled.mul_(weights).sum(0) / weights.sum(0).clamp(min=1e-12)
+
+        out[key] = merged_in_chunks(pretrained, experts, key, combine)
     return out

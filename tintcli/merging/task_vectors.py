@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -44,3 +44,35 @@ def add_task_vector(pretrained: Mapping[str, torch.Tensor], delta: Mapping[str, 
     """theta_0 + lam * delta, in theta_0's dtypes; non-float entries come from theta_0."""
     return {k: (v + lam * delta[k].to(v.dtype)) if k in delta else v.clone()
             for k, v in pretrained.items()}
+
+
+CHUNK = 1 << 22  # entries per slice: T x 16 MiB per fp32 temporary
+
+
+def stacked_chunks(pretrained: Mapping[str, torch.Tensor],
+                   experts: Mapping[str, Mapping[str, torch.Tensor]], key: str,
+                   size: int | None = None) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """One entry of theta_0 and of the T experts, flattened and in fp32, in slices of at most
+    ``size`` (default ``CHUNK``) entries: (slice, theta_0 part, stacked (T, part)).
+    Element-wise merges loop over these so that their (T, n) temporaries stay small even for
+    the largest tensor (the ``text.token_embedding`` extra: 25M entries for B/32). Shared by
+    the element-wise data-free merges (consensus, pcb, lines, cart)."""
+    size = size or CHUNK
+    theta0 = pretrained[key].reshape(-1)
+    flats = [expert[key].reshape(-1) for expert in experts.values()]
+    for start in range(0, theta0.numel(), size):
+        part = slice(start, start + size)
+        yield part, theta0[part].float(), torch.stack([f[part].float() for f in flats])
+
+
+def merged_in_chunks(pretrained: Mapping[str, torch.Tensor],
+                     experts: Mapping[str, Mapping[str, torch.Tensor]], key: str,
+                     combine: Callable[[slice, torch.Tensor, torch.Tensor], torch.Tensor]
+                     ) -> torch.Tensor:
+    """Entry ``key`` merged element-wise: ``combine(slice, theta_0 part, stacked experts'
+    parts)`` over ``stacked_chunks``, in theta_0's dtype and shape."""
+    value = pretrained[key]
+    merged = torch.empty(value.numel(), dtype=value.dtype, device=value.device)
+    for part, theta0, thetas in stacked_chunks(pretrained, experts, key):
+        merged[part] = combine(part, theta0, thetas)
+    return merged.reshape(value.shape)
