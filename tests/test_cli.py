@@ -282,6 +282,25 @@ def test_bench_times_both_adaptation_steps_on_their_real_batches(run_tint, tmp_p
         20 * 303_966_208 * 2
 
 
+def test_bench_times_every_registered_data_free_merge_on_stand_in_shapes(run_tint, tmp_path):
+    """parts=[merges] with merge_shapes: no benchmark is built, and the table lists every
+    data-free method the registry has (not a hand-written list)."""
+    from tintcli.methods import registered
+
+    out = run_tint("bench", "parts=[merges]", "device=cpu",
+                   "merge_shapes=[{encoder: synth_vit, tasks: 3, dtype: fp32}]",
+                   f"hydra.run.dir={tmp_path / 'b'}")
+    assert out.returncode == 0, out.stderr
+    payload = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert payload["evaluation"] is None and payload["results"] == []
+    data_free = {n for n, m in registered().items() if not m.adaptive}
+    assert {m["method"] for m in payload["merges"]} == data_free
+    assert all(m["merge_s"] > 0 and "synth_vit × 3" in m["where"] for m in payload["merges"])
+    bad = run_tint("bench", "parts=[speed]", f"hydra.run.dir={tmp_path / 'c'}")
+    assert bad.returncode == 2
+    assert _first_line(bad) == "error: parts=speed is not a part tint bench measures"
+
+
 def test_bench_timing_is_the_median_of_the_timed_calls_after_warmup(monkeypatch):
     import torch
 

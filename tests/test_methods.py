@@ -123,3 +123,36 @@ def test_a_per_task_outcome_scores_each_task_with_its_own_model(tiny_cache):
         assert scores[task] == own
     assert not torch.equal(merged.task_state(bench.tasks[0])["blocks.0.mlp.fc1.weight"],
                            merged.task_state(bench.tasks[1])["blocks.0.mlp.fc1.weight"])
+
+
+def test_every_data_free_method_merges_a_read_only_view_as_it_merges_a_dict():
+    """On CUDA, ``tint merge`` hands data-free methods ``OnDevice`` views of the CPU-loaded
+    checkpoints (io.on_device). Catches a method that needs a real dict (``.copy()``,
+    ``isinstance(.., dict)``), writes into its inputs, or reads a key the view lacks."""
+    from tintcli.io import OnDevice
+    from tintcli.selection import searched
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = {"cls_token": (1, 1, 8), "pos_embed": (1, 5, 8), "patch_embed.proj.weight":
+              (8, 3, 2, 2), "blocks.0.attn.qkv.weight": (24, 8), "blocks.0.attn.qkv.bias": (24,),
+              "blocks.0.mlp.fc1.weight": (16, 8), "blocks.1.mlp.fc2.weight": (8, 16),
+              "blocks.1.norm1.weight": (8,), "norm.weight": (8,), "head.weight": (4, 8)}
+    pretrained = {k: torch.randn(s, generator=generator) for k, s in shapes.items()}
+    experts = {t: {k: v + 0.1 * torch.randn(v.shape, generator=generator)
+                   for k, v in pretrained.items()} for t in ("a", "b", "c")}
+    before = {t: {k: v.clone() for k, v in e.items()} for t, e in experts.items()}
+    for name, method in registered().items():
+        if method.adaptive or name.endswith("_for_test"):
+            continue
+        params = method.defaults
+        point = {**params, **{k: v[0] for k, v in searched(method, params, None).items()}}
+        plain = run(name, pretrained, experts, **point)
+        viewed = run(name, OnDevice(pretrained, "cpu"),
+                     {t: OnDevice(e, "cpu") for t, e in experts.items()}, **point)
+        for task in experts:
+            ours, theirs = viewed.task_state(task), plain.task_state(task)
+            assert ours.keys() == theirs.keys(), name
+            for key in theirs:
+                assert torch.equal(ours[key], theirs[key]), (name, task, key)
+        assert all(torch.equal(before[t][k], experts[t][k]) for t in experts
+                   for k in pretrained), f"{name} wrote into an expert"

@@ -144,6 +144,33 @@ def write_json(path: Path, payload: Any) -> None:
     atomic_write(path, write)
 
 
+class OnDevice(Mapping[str, torch.Tensor]):
+    """A state dict read onto ``device`` one tensor at a time. Data-free merges compute where
+    their inputs are, so on CUDA they see this view of the (CPU-loaded) checkpoints: the SVD
+    methods take seconds there, not minutes, and no whole copy of the pool moves."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], device: torch.device | str):
+        self.state, self.device = state, torch.device(device)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.state[key].to(self.device)
+
+    def __iter__(self):
+        return iter(self.state)
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+
+def on_device(pretrained: Mapping[str, torch.Tensor],
+              experts: Mapping[str, Mapping[str, torch.Tensor]], device: torch.device
+              ) -> tuple[Mapping[str, torch.Tensor], dict[str, Mapping[str, torch.Tensor]]]:
+    """θ0 and the experts as seen from ``device`` (unchanged where they already are there)."""
+    if next(iter(pretrained.values())).device == device:
+        return pretrained, dict(experts)
+    return OnDevice(pretrained, device), {t: OnDevice(e, device) for t, e in experts.items()}
+
+
 def save_state_dict(state: Mapping[str, torch.Tensor], path: Path, metadata: dict | None = None):
     tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     meta = {k: str(v) for k, v in (metadata or {}).items()}

@@ -23,9 +23,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
-from tintcli.encoders import build_encoder
+from tintcli.encoders import build_encoder, resolve_device
 from tintcli.errors import TintError
-from tintcli.io import StateDict, encoder_entries, write_json
+from tintcli.io import StateDict, encoder_entries, on_device, write_json
 from tintcli.methods import Method, check_parameters, registered
 from tintcli.recipes.common import Workbench
 from tintcli.tracking import versions
@@ -63,111 +63,202 @@ def _init_kwargs(method: Method, method_cfg: DictConfig | None,
     return {k: v for k, v in params.items() if k in accepted}
 
 
+PARTS = ("evaluation", "adaptation", "merges")
+
+
 def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
+    parts = _parts(cfg)
     architecture = build_encoder(cfg.encoder)
     adaptive = {name: (method, _init_kwargs(method, cfg.get(name), architecture))
-                for name, method in registered().items() if method.adaptive}  # checked first
-    bench = Workbench.load(cfg, console)
-    context = bench.adaptation_context(cfg.seed)
-    plain = bench.encoder.train(False)
-    plain.load_state_dict(encoder_entries(bench.pretrained))
-    plain.requires_grad_(True)
-    measure = lambda fn: _timed(fn, bench.device, cfg.warmup, cfg.repeats)  # noqa: E731
-    rows, peaks = [], {}
+                for name, method in registered().items()
+                if method.adaptive and "adaptation" in parts}  # checked first
+    rows, peaks, evaluation, merges = [], {}, None, []
+    device, precision, tasks = resolve_device(cfg.device), None, []
+    if parts & {"evaluation", "adaptation"} or ("merges" in parts
+                                                 and not cfg.get("merge_shapes")):
+        bench = Workbench.load(cfg, console)
+        device, precision, tasks = bench.device, bench.runtime.precision, bench.tasks
+        context = bench.adaptation_context(cfg.seed)
+        plain = bench.encoder.train(False)
+        plain.load_state_dict(encoder_entries(bench.pretrained))
+        plain.requires_grad_(True)
+        measure = lambda fn: _timed(fn, bench.device, cfg.warmup, cfg.repeats)  # noqa: E731
 
-    _reset_peak(bench.device)
-    with console.status("timing evaluation from the pixel cache"):
-        evaluation = eval_throughput(bench, plain, lambda fn: _timed(
-            fn, bench.device, min(cfg.warmup, 1), cfg.eval_repeats))
-        peaks["evaluation"] = _peak(bench.device)
+        if "evaluation" in parts:
+            _reset_peak(bench.device)
+            with console.status("timing evaluation from the pixel cache"):
+                evaluation = eval_throughput(bench, plain, lambda fn: _timed(
+                    fn, bench.device, min(cfg.warmup, 1), cfg.eval_repeats))
+                peaks["evaluation"] = _peak(bench.device)
 
-    for name, (method, kwargs) in adaptive.items():  # every adaptive method the registry has
-        _reset_peak(bench.device)
-        with console.status(f"timing {method.pretty} steps"):
-            trainer = method.trainer(bench.pretrained, bench.experts, context, **kwargs)
-            step, size, ours, base = trainer.benchmark(plain)
-            rows.append((step, size, measure(ours), measure(base)))
-            peaks[name] = _peak(bench.device)
-            del trainer
+        for name, (method, kwargs) in adaptive.items():  # every adaptive method registered
+            _reset_peak(bench.device)
+            with console.status(f"timing {method.pretty} steps"):
+                trainer = method.trainer(bench.pretrained, bench.experts, context, **kwargs)
+                step, size, ours, base = trainer.benchmark(plain)
+                rows.append((step, size, measure(ours), measure(base)))
+                peaks[name] = _peak(bench.device)
+                del trainer
 
-    merges = merge_costs(bench.pretrained, bench.experts,
-                         f"{cfg.encoder.name} × {len(bench.tasks)}", console)
-    for shape in cfg.get("merge_shapes") or []:  # real shapes, random weights: no download
-        from hydra import compose
+        if "merges" in parts:
+            merges = merge_costs(*on_device(bench.pretrained, bench.experts, bench.device),
+                                 f"{cfg.encoder.name} × {len(bench.tasks)}", console,
+                                 cfg.get("merge_methods"))
+    for shape in cfg.get("merge_shapes") or [] if "merges" in parts else []:
+        from hydra import compose  # real shapes, random weights: no download
 
         encoder_cfg = compose(config_name=f"encoder/{shape.encoder}").encoder
         dtype = torch.bfloat16 if shape.get("dtype", "bf16") == "bf16" else torch.float32
-        with console.status(f"making random {shape.encoder} × {shape.tasks} checkpoints"):
-            pretrained, experts = stand_in(encoder_cfg, int(shape.tasks), dtype)
+        with console.status(f"making random {shape.encoder} × {shape.tasks} checkpoints "
+                            f"on {device}"):
+            pretrained, experts = stand_in(encoder_cfg, int(shape.tasks), dtype, device=device)
         merges += merge_costs(pretrained, experts, f"{shape.encoder} × {shape.tasks} "
-                              f"({shape.get('dtype', 'bf16')}, random)", console)
+                              f"({shape.get('dtype', 'bf16')}, random)", console,
+                              cfg.get("merge_methods"))
         del pretrained, experts
 
     results = [{"step": name, "batch": size, "adaptive_s": ours, "plain_s": base,
                 "ratio": ours / base, "steps_per_s": 1 / ours} for name, size, ours, base in rows]
-    models = memory_models(cfg, len(bench.tasks), adaptive["tinting"][1].get("batch_size", 32)
+    models = memory_models(cfg, len(tasks) or 8, adaptive["tinting"][1].get("batch_size", 32)
                            if "tinting" in adaptive else 32)
-    payload = {"command": "bench", "device": str(bench.device), "encoder": cfg.encoder.name,
-               "precision": bench.runtime.precision, "tasks": bench.tasks,
+    payload = {"command": "bench", "parts": sorted(parts), "device": str(device),
+               "device_name": device_name(device), "encoder": cfg.encoder.name,
+               "precision": precision, "tasks": tasks,
                "threads": torch.get_num_threads(), "evaluation": evaluation,
                "target_eval_ratio": TARGET_EVAL_RATIO, "target_ratio": TARGET_RATIO,
                "results": results, "merges": merges, "peak_memory": peaks,
                "memory_models": models,
                "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True)}
     write_json(run_dir / "bench.json", payload)
-    where = f"{cfg.encoder.name} · {bench.device} · {bench.runtime.precision}"
-    console.print(eval_table(evaluation, f"evaluation vs raw forward · {where}"))
-    console.print(bench_table(results, f"adaptation step vs plain forward+backward · {where}"))
-    console.print(merge_table(merges, f"data-free merges · {bench.device}"))
-    console.print(memory_table(peaks, models, bench.device))
+    where = f"{cfg.encoder.name} · {device_name(device)} · {precision}"
+    if evaluation is not None:
+        console.print(eval_table(evaluation, f"evaluation vs raw forward · {where}"))
+    if results:
+        console.print(bench_table(results, f"adaptation step vs plain forward+backward · {where}"))
+    if merges:
+        console.print(merge_table(merges, f"data-free merges · {device_name(device)}"))
+    if parts & {"evaluation", "adaptation"}:
+        console.print(memory_table(peaks, models, device))
     console.print(f"results: {run_dir / 'bench.json'}")
     return payload
 
 
+def _parts(cfg: DictConfig) -> set[str]:
+    """The parts to measure (``parts=[merges]`` times only the data-free merges)."""
+    parts = set(cfg.get("parts") or PARTS)
+    unknown = sorted(parts - set(PARTS))
+    if unknown:
+        raise TintError(f"parts={unknown[0]} is not a part tint bench measures\n"
+                        f"Use a list of: {', '.join(PARTS)}.")
+    return parts
+
+
+def device_name(device: torch.device) -> str:
+    """``cuda (NVIDIA H100 80GB HBM3)``, ``cpu (2 threads)``: which card gave a figure."""
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
 def merge_costs(pretrained: StateDict, experts: dict[str, StateDict], where: str,
-                console: Console) -> list[dict]:
-    """Every registered data-free method's merge, timed once on these checkpoints (merges
-    are deterministic and some take long). A method that chooses a parameter on validation is
-    timed at its grid's first point: its Δ where it declares one (the grid then reuses it),
-    else one merge per grid point."""
+                console: Console, only: list[str] | None = None) -> list[dict]:
+    """Every registered data-free method's merge, timed once on these checkpoints, where they
+    are (merges are deterministic and some take long), with the memory it held beyond the
+    checkpoints. A method that chooses a parameter on validation is timed at its grid's first
+    point: its Δ where it declares one (the grid then reuses it), else one merge per point."""
     from tintcli.methods import registered, run
     from tintcli.selection import searched
 
+    device = next(iter(pretrained.values())).device  # merges compute where their inputs are
     out = []
     for name, method in registered().items():
-        if method.adaptive:
+        if method.adaptive or (only and name not in only):
             continue
         params = method.defaults
         grids = searched(method, params, None)
         point = {**params, **{k: v[0] for k, v in grids.items()}}
-        with console.status(f"timing {method.pretty} on {where}"):
+        with console.status(f"timing {method.pretty} on {where}"), PeakMemory(device) as peak:
             start = time.perf_counter()
             try:
-                run(name, pretrained, experts, **point)
+                merged = run(name, pretrained, experts, **point)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
             except TintError as err:  # one that cannot run here (EMR on one task): say why
-                out.append({"method": name, "pretty": method.pretty, "error": str(err)})
+                out.append({"method": name, "pretty": method.pretty, "where": where,
+                            "error": str(err)})
                 continue
             seconds = time.perf_counter() - start
+            del merged
         points = 1
         for grid in grids.values():
             points *= len(grid)
         out.append({"method": name, "pretty": method.pretty, "where": where,
                     "merge_s": seconds, "grid_points": points,
                     "grid_merges": 1 if method.delta is not None and grids else points,
-                    "peak_rss": _peak(torch.device("cpu"))})
+                    "peak_extra": peak.extra, "peak_kind": peak.kind})
+        console.print(f"  {method.pretty} on {where}: {seconds:.2f} s, "
+                      f"+{peak.extra / 2**30:.2f} GiB {peak.kind}")
     return out
 
 
-def stand_in(encoder_cfg: DictConfig, tasks: int, dtype: torch.dtype, seed: int = 0
-             ) -> tuple[StateDict, dict[str, StateDict]]:
+class PeakMemory:
+    """Memory held during a block beyond what was held before it: CUDA's peak allocated, or
+    on the CPU the process's resident set sampled every 10 ms (getrusage's peak never comes
+    down, so it cannot tell one merge from the one before)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.extra = device, 0
+        self.kind = "CUDA allocated" if device.type == "cuda" else "RSS"
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            return self
+        import threading
+
+        self.base = self.peak = _rss()
+        self.done = threading.Event()
+
+        def sample() -> None:
+            while not self.done.wait(0.01):
+                self.peak = max(self.peak, _rss())
+
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.extra = torch.cuda.max_memory_allocated(self.device) - self.base
+            return
+        self.done.set()
+        self.thread.join()
+        self.extra = max(self.peak, _rss()) - self.base
+
+
+def _rss() -> int:
+    """This process's resident set, in bytes (Linux)."""
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def stand_in(encoder_cfg: DictConfig, tasks: int, dtype: torch.dtype, seed: int = 0,
+             device: torch.device | str = "cpu") -> tuple[StateDict, dict[str, StateDict]]:
     """Random checkpoints of an encoder's real shapes (no download): θ0 and ``tasks`` experts
-    θ0 + τ with small random τ, in ``dtype`` (bf16 halves an L/14 × 20 pool: 12 GB)."""
-    generator = torch.Generator().manual_seed(seed)
-    pretrained = {k: v.to(dtype) for k, v in build_encoder(encoder_cfg).state_dict().items()}
+    θ0 + τ with small random τ, in ``dtype`` (bf16 halves an L/14 × 20 pool: 12 GB), made on
+    ``device``."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    pretrained = {k: v.to(device, dtype if v.is_floating_point() else v.dtype)
+                  for k, v in build_encoder(encoder_cfg).state_dict().items()}
     experts = {}
     for t in range(tasks):
-        experts[f"task{t}"] = {k: (v + 1e-3 * torch.randn(v.shape, generator=generator)
-                                   .to(dtype)) if v.is_floating_point() else v
+        experts[f"task{t}"] = {k: (v + 1e-3 * torch.randn(v.shape, generator=generator,
+                                                           device=device).to(dtype))
+                               if v.is_floating_point() else v
                                for k, v in pretrained.items()}
     return pretrained, experts
 
@@ -175,9 +266,11 @@ def stand_in(encoder_cfg: DictConfig, tasks: int, dtype: torch.dtype, seed: int 
 def merge_table(costs: list[dict], title: str) -> Table:
     table = Table(title=title, title_justify="left",
                   caption="one merge, timed once; a validation grid costs grid merges (one Δ "
-                          "where the method declares it) plus one validation pass per point")
+                          "where the method declares it) plus one validation pass per point; "
+                          "extra memory: held beyond the checkpoints (CUDA: peak allocated, "
+                          "CPU: resident set)")
     for column in ("method", "checkpoints", "merge s", "grid points", "grid merges",
-                   "peak RSS GiB"):
+                   "extra memory GiB"):
         table.add_column(column, justify="left" if column in ("method", "checkpoints")
                          else "right")
     for c in costs:
@@ -185,7 +278,7 @@ def merge_table(costs: list[dict], title: str) -> Table:
             table.add_row(c["pretty"], "", "-", "-", "-", c["error"].splitlines()[0])
             continue
         table.add_row(c["pretty"], c["where"], f"{c['merge_s']:.2f}", str(c["grid_points"]),
-                      str(c["grid_merges"]), f"{c['peak_rss'] / 2**30:.2f}")
+                      str(c["grid_merges"]), f"{c['peak_extra'] / 2**30:.2f}")
     return table
 
 

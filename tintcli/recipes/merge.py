@@ -20,7 +20,14 @@ from rich.console import Console
 from tintcli.adaptation.saved import save_adapted
 from tintcli.encoders import build_encoder, resolve_device
 from tintcli.errors import Interrupted, Terminated, TintError
-from tintcli.io import DIGEST_MODES, digest_mode, save_state_dict, set_digest_mode, write_json
+from tintcli.io import (
+    DIGEST_MODES,
+    digest_mode,
+    on_device,
+    save_state_dict,
+    set_digest_mode,
+    write_json,
+)
 from tintcli.methods import adapt, check_parameters, get_method
 from tintcli.objective import check_objective
 from tintcli.recipes.common import Workbench
@@ -300,7 +307,9 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
 
                 normalize = (bench.expert_accuracy_on("val")
                              if method.choose_by == "normalized_average" else None)
-                merged = choose(method, bench.pretrained, bench.experts, params,
+                # computed on the run's device (CUDA: seconds for the SVD methods)
+                merged = choose(method, *on_device(bench.pretrained, bench.experts,
+                                                   bench.device), params,
                                 _grid(method_cfg), lambda m: bench.score_merged(m, "val"),
                                 normalize, on_point)
                 if cfg.save_merged and merged.per_task:  # no one encoder to keep
