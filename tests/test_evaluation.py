@@ -20,20 +20,26 @@ def test_an_expert_at_zero_accuracy_has_no_normalized_accuracy():
 
 
 def test_the_device_side_inputs_are_what_the_experts_were_trained_on():
-    """Evaluation normalises uint8 pixels on the device (Runtime.inputs); the zoo trained its
-    experts on encoders.preprocess. They must be the same numbers, or every score drifts."""
+    """Every forward normalises uint8 pixels with Runtime.inputs, the zoo's training included
+    (laid out channels-last there, as it always trained). The numbers are x/255, then
+    (x - mean) / std in float32, bit for bit: other arithmetic would drift every score."""
     import torch
     from omegaconf import OmegaConf
 
-    from tintcli.encoders import preprocess
     from tintcli.runtime import Runtime
+    from tintcli.zoo import _train_inputs
 
     cfg = OmegaConf.create({"mean": [0.48145466, 0.4578275, 0.40821073],
                             "std": [0.26862954, 0.26130258, 0.27577711]})
     pixels = torch.randint(0, 256, (5, 7, 7, 3), dtype=torch.uint8)
     runtime = Runtime.create(torch.device("cpu"), cfg, "fp32")
-    assert torch.equal(runtime.inputs(pixels), preprocess(pixels, cfg))
+    mean = torch.tensor(list(cfg.mean)).view(1, 3, 1, 1)
+    std = torch.tensor(list(cfg.std)).view(1, 3, 1, 1)
+    expected = (pixels.permute(0, 3, 1, 2).float().div_(255) - mean) / std
+    assert torch.equal(runtime.inputs(pixels), expected)
     assert runtime.inputs(pixels).is_contiguous()
+    trained_on = _train_inputs(pixels, cfg)
+    assert torch.equal(trained_on, expected) and trained_on.stride() == expected.stride()
 
 
 def test_accuracy_counts_every_batch_and_the_last_partial_one():

@@ -156,3 +156,35 @@ def test_every_data_free_method_merges_a_read_only_view_as_it_merges_a_dict():
                 assert torch.equal(ours[key], theirs[key]), (name, task, key)
         assert all(torch.equal(before[t][k], experts[t][k]) for t in experts
                    for k in pretrained), f"{name} wrote into an expert"
+
+
+def test_a_per_task_parameter_is_chosen_by_each_tasks_own_validation_then_the_grid_runs():
+    """Consensus TA's protocol: each task's λt by that task's validation accuracy on the
+    probe model (here a peaks at 0.2, b at 0.6: an average would pick one value for both),
+    then α on the grid with those λt fixed."""
+    seen = []
+
+    def probe(pretrained, experts, lam):
+        return Merged("probe", {"w": torch.tensor([lam])})
+
+    @register("per_task_for_test", search={"lam": (0.2, 0.4, 0.6), "alpha": (1.0, 2.0)},
+              per_task={"lam": probe})
+    def method(pretrained, experts, alpha: float = 1.0, lam=0.4):
+        seen.append(lam)
+        return {"w": torch.tensor([alpha])}
+
+    def score(merged):
+        w = float(merged.state["w"][0])
+        if merged.method == "probe":  # a likes a small λ, b a large one
+            return {"a": 1 - w, "b": min(w, 0.5)}
+        return {"a": w, "b": 0.0}  # α: the larger the better
+
+    try:
+        merged = choose(MERGE_METHODS["per_task_for_test"], *POOL, {"lam": None, "alpha": None},
+                        None, score)
+    finally:
+        del MERGE_METHODS["per_task_for_test"]
+    search = merged.info["search"]
+    assert search["per_task"]["lam"]["chosen"] == {"a": 0.2, "b": 0.6}
+    assert [t["value"] for t in search["per_task"]["lam"]["trials"]] == [0.2, 0.4, 0.6]
+    assert seen == [{"a": 0.2, "b": 0.6}] * 2 and search["chosen"] == {"alpha": 2.0}

@@ -22,7 +22,7 @@ from conftest import compose_config
 from test_checkpoints import tiny_clip_tokenizer, tiny_hf_clip, tiny_open_clip
 from torch import nn
 
-from tintcli.encoders import preprocess
+from tintcli.runtime import Runtime
 from tintcli.tasks.generated import load_synthetic
 
 pytest.importorskip("open_clip")
@@ -42,7 +42,8 @@ FAST = ["method.methods.adamerging_task.steps=2", "method.methods.adamerging.ste
 def _test_images(task):
     cfg = compose_config(overrides=CLIP_TINY, tiny=False)
     split = load_synthetic(task, "test", cfg.tasks.test_size, 32, cfg.tasks.seed)
-    return preprocess(split.images, cfg.encoder), split.labels, split.num_classes
+    inputs = Runtime.create(torch.device("cpu"), cfg.encoder, "fp32").inputs(split.images)
+    return inputs, split.labels, split.num_classes
 
 
 def _class_mean_head(features, labels, classes):

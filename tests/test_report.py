@@ -43,6 +43,19 @@ def test_over_seeds_gives_mean_and_sample_std_per_method():
     assert row["accuracy"]["a"]["std"] == pytest.approx(0.1)
 
 
+def test_mean_std_is_one_computation_for_the_sweep_summary_and_tint_table():
+    from tintcli.recipes.table import Row
+    from tintcli.report import mean_std
+    from tintcli.tracking import _mean_std
+
+    assert mean_std([0.5, 0.7, 0.6]) == pytest.approx((0.6, 0.1))  # sample std (n - 1)
+    assert mean_std([]) == (None, None) and _mean_std([]) == {"mean": None, "std": None}
+    # a lone value: no ± in tint table; the sweep summary has always recorded 0.0
+    assert mean_std([0.4]) == (0.4, None) and _mean_std([0.4]) == {"mean": 0.4, "std": 0.0}
+    row = Row("ties", "merged", "ties", {}, runs=[{"average": 0.5}, {"average": None}])
+    assert row.stat(lambda r: r["average"]) == (0.5, None)
+
+
 def test_a_sweep_marks_its_best_by_validation_never_by_test():
     from tintcli.report import sweep_table
 

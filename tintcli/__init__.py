@@ -5,7 +5,7 @@ The merging methods are plain functions on state dicts, importable from here:
     from tintcli import task_arithmetic_merge, ties_merge, weight_average
 
 and so are the test-time adaptive ones (``adamerging_merge``, ``tinting_merge``, defined in
-``tintcli.adaptation``), which also take an ``AdaptationContext`` of unlabeled images.
+``tintcli/adaptation/``), which also take an ``AdaptationContext`` of unlabeled images.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ _EXPORTS = {  # name -> the module that defines it
     **dict.fromkeys(("task_vector", "add_task_vector", "weight_average",
                      "task_arithmetic_merge", "ties_merge", "ties_task_vectors", "trim_top_k"),
                     "tintcli.merging"),
-    **dict.fromkeys(("adamerging_merge", "tinting_merge"), "tintcli.adaptation"),
+    "adamerging_merge": "tintcli.adaptation.adamerging",
+    "tinting_merge": "tintcli.adaptation.tinting",
     **dict.fromkeys(("merge", "adapt", "MERGE_METHODS"), "tintcli.methods"),
 }
 _MERGING = tuple(_EXPORTS)

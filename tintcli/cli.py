@@ -62,7 +62,7 @@ def _convert(cfg: DictConfig, console: Console) -> None:
 # subcommand words -> (primary config in conf/, one-line help, recipe)
 SUBCOMMANDS: dict[str, tuple[str, str, Callable[[DictConfig, Console], object]]] = {
     "merge": ("merge", "merge the experts and score the merged encoder on every task", _merge),
-    "bench": ("bench", "time an adaptation step against a plain forward+backward", _bench),
+    "bench": ("bench", "time evaluation, adaptation steps and data-free merges", _bench),
     "zoo build": ("zoo", "build (or find cached) the benchmark zoo and check its realism",
                   _zoo_build),
     "convert": ("convert", "write a checkpoint pool as a local safetensors pool", _convert),
@@ -167,6 +167,8 @@ def rows_kept() -> str:
     a run's results or its partial rows; or that there are none yet."""
     from tintcli.paths import PARTIAL, RESULTS
 
+    if COMMAND[-1:] == ["bench"]:  # a benchmark keeps no rows: it writes bench.json when done
+        return "tint bench writes its figures only when it is done: nothing was kept."
     tracking = sys.modules.get("tintcli.tracking")  # not imported here: torch may be half-loaded
     sweep_dir = tracking.SWEEP.get("dir") if tracking is not None else None
     dirs = list(RUN_DIRS)
@@ -191,6 +193,7 @@ def rows_kept() -> str:
     return "Rows finished before this: " + ", ".join(found)
 
 
+COMMAND: list[str] = []  # the recipe this process runs (merge, bench, zoo ...)
 RUN_DIRS: list[Path] = []  # the run directories this process's jobs started, in order
 FAILED: list[TintError] = []  # this process's failed jobs, reported once Hydra returns
 
@@ -268,6 +271,7 @@ def _main(argv: list[str]) -> int:
     for name, (config_name, _, recipe) in SUBCOMMANDS.items():
         words = name.split()
         if argv[: len(words)] == words:
+            COMMAND.append(config_name)
             with stops_deferred():  # a Ctrl-C inside torch's C++ import would abort the process
                 importlib.import_module(f"tintcli.recipes.{config_name}")
             sys.argv = [f"tint {name}", *normalize_overrides(argv[len(words):], config_name)]

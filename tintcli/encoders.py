@@ -31,14 +31,6 @@ def build_encoder(encoder_cfg: DictConfig) -> nn.Module:
                         f"({kwargs}).") from err
 
 
-def preprocess(images: torch.Tensor, encoder_cfg: DictConfig) -> torch.Tensor:
-    """uint8 pixels [N,H,W,3] -> normalised float [N,3,H,W], as the encoder expects."""
-    mean = torch.tensor(list(encoder_cfg.mean)).view(1, 3, 1, 1)
-    std = torch.tensor(list(encoder_cfg.std)).view(1, 3, 1, 1)
-    x = images.permute(0, 3, 1, 2).float().div_(255)
-    return (x - mean) / std
-
-
 def resolve_device(name: object) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     name = str(name)

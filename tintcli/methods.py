@@ -57,6 +57,10 @@ class Method:
     # adaptive: the class whose ``benchmark(plain)`` gives the step ``tint bench`` times
     trainer: type | None = None
     min_tasks: int = 1  # EMR: 2 (checked against the task set before any work)
+    # searched parameters chosen per task, each on its own task's validation split (Consensus
+    # TA's TALL-mask λt): name -> probe(pretrained, experts, value) -> a Merged whose task t
+    # model is what task t's choice is scored on; the choice is then {task: value}
+    per_task: Mapping[str, Callable[..., Merged]] = field(default_factory=dict)
 
     @property
     def positional(self) -> int:
@@ -85,11 +89,12 @@ def register(name: str, adaptive: bool = False, check: Check | None = None, *,
              delta: Callable[..., StateDict] | None = None,
              variant: Callable[[Mapping[str, Any]], str] | None = None,
              choose_by: str = "average", trainer: type | None = None,
-             min_tasks: int = 1) -> Callable[[Callable], Callable]:
+             min_tasks: int = 1, per_task: Mapping[str, Callable[..., Merged]] | None = None
+             ) -> Callable[[Callable], Callable]:
     def add(fn: Callable) -> Callable:
         MERGE_METHODS[name] = Method(fn, adaptive, check, name, pretty or name, paper, code,
                                      dict(search or {}), delta, variant, choose_by, trainer,
-                                     min_tasks)
+                                     min_tasks, dict(per_task or {}))
         return fn
 
     return add

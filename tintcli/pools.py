@@ -23,6 +23,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from omegaconf import DictConfig
@@ -42,6 +43,44 @@ from tintcli.io import (
 )
 from tintcli.tasks import num_classes
 from tintcli.tasks.synthetic import SYNTH_FAMILIES
+
+
+class Pool(Protocol):
+    """What every pool kind hands out: ``FilePool`` (the checkpoint pools) and the built-in
+    zoo (``tintcli.zoo.Zoo``). Experts and heads are checked when handed out."""
+
+    kind: str
+    pretrained_file: Path
+
+    def pretrained(self) -> StateDict: ...
+
+    def expert(self, task: str, pretrained: StateDict | None = None) -> StateDict: ...
+
+    def head(self, task: str) -> ZeroShotHead: ...
+
+    def checkpoint_hashes(self) -> dict: ...
+
+    def reference_accuracies(self) -> dict[str, tuple[float, float]] | None:
+        """(zero-shot, expert) accuracy per task where the pool measured them itself, on the
+        test data ``data_digests`` names; None: the workbench measures them (and checks
+        that each expert beats zero-shot, which catches a wrong task -> checkpoint map)."""
+
+    def data_digests(self) -> dict[str, dict[str, str]] | None:
+        """Per task, the digests of the data its reference accuracies were measured on; None
+        where it measured none (the test data the run loads is then what they are on)."""
+
+
+def load_pool(cfg: DictConfig, tasks: list[str], encoder: nn.Module, device: torch.device,
+              console: Console | None = None) -> Pool:
+    """The run's pool, whatever its kind (``cfg.pool.kind``; without a pool group, as in
+    ``tint zoo``'s config, ``synth``): the zoo is built for these tasks, or found cached; a
+    checkpoint pool is opened, its task table checked before any data or weights are read."""
+    kind = cfg.pool.kind if "pool" in cfg else "synth"
+    if kind == "synth":
+        from tintcli.zoo import ensure_zoo
+
+        return ensure_zoo(cfg.encoder, cfg.tasks, tasks, device, console)
+    return open_pool(cfg.pool, tasks, encoder, cfg.encoder.name, cfg.tasks)
 
 
 @dataclass
@@ -122,6 +161,9 @@ class FilePool:
 
     def reference_accuracies(self) -> None:
         return None  # measured by the workbench on the task data (and cached)
+
+    def data_digests(self) -> None:
+        return None  # the references are measured on the test data the run loads
 
 
 # ------------------------------------------------------------------------- the formats

@@ -1,7 +1,10 @@
-"""Rich tables for the terminal: results, benchmark realism, sweeps."""
+"""Rich tables for the terminal: results, benchmark realism, sweeps; and the mean ± std over
+seeds they show (``mean_std``, also what ``tint table`` shows)."""
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +12,16 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
+
+
+def mean_std(values: Sequence[float], single: float | None = None
+             ) -> tuple[float | None, float | None]:
+    """The mean and the sample std (n - 1) of one number over seeds; (None, None) with no
+    values. A lone value has no spread: its std is ``single`` (``tint table`` keeps None and
+    shows no ±; the sweep summary, tracking.over_seeds, records 0.0)."""
+    if not values:
+        return None, None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else single
 
 
 def progress_bar(console: Console) -> Progress:

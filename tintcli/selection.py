@@ -35,37 +35,74 @@ def choose(method: Method, pretrained: StateDict, experts: Mapping[str, StateDic
            on_point: Callable[[int, int], None] | None = None) -> Merged:
     """The method's ``Merged`` at the grid point with the best validation score (the plain
     merge where nothing is searched). ``normalize``: each task's expert accuracy, for methods
-    that choose by normalised accuracy."""
+    that choose by normalised accuracy. Parameters the method chooses per task
+    (``method.per_task``) are chosen first, each task by its own validation accuracy on the
+    method's probe; the grid over the others then runs with those choices fixed."""
     grids = searched(method, params, grid)
     if not grids:
         return run(method.name, pretrained, experts, **params)
     fixed = {k: v for k, v in params.items() if k not in grids}
-    if method.delta is not None and set(grids) == {"alpha"}:  # θ0 + α·Δ: one Δ for the grid
-        delta = method.delta(pretrained, experts, **fixed)
-
-        def make(point: dict) -> Merged:
-            return Merged(method.name, add_task_vector(pretrained, delta, point["alpha"]))
-    else:
-        def make(point: dict) -> Merged:
-            return run(method.name, pretrained, experts, **fixed, **point)
-
+    per_task = {k: grids.pop(k) for k in list(grids) if k in method.per_task}
     points = [dict(zip(grids, values, strict=True))
               for values in itertools.product(*grids.values())]
-    trials, best, best_value = [], None, None
-    for i, point in enumerate(points):
-        merged = make(point)
-        accuracy = score(merged)
-        value = _metric(accuracy, method.choose_by, normalize)
-        trials.append({"params": point, "value": value, "accuracy": accuracy})
-        if best_value is None or value > best_value:
-            best, best_value = (point, merged), value
+    total = sum(len(v) for v in per_task.values()) + (len(points) if grids else 0)
+    done = [0]
+
+    def step() -> None:
+        done[0] += 1
         if on_point is not None:
-            on_point(i + 1, len(points))
-    point, merged = best
+            on_point(done[0], total)
+
+    per_task_info = {}
+    for key, values in per_task.items():
+        fixed[key], per_task_info[key] = _choose_per_task(
+            method.per_task[key], pretrained, experts, values, score, step)
+    if not grids:
+        merged, point, best_value, trials = (run(method.name, pretrained, experts, **fixed), {},
+                                             None, [])
+    else:
+        if method.delta is not None and set(grids) == {"alpha"}:  # θ0 + α·Δ: one Δ for all
+            delta = method.delta(pretrained, experts, **fixed)
+
+            def make(point: dict) -> Merged:
+                return Merged(method.name, add_task_vector(pretrained, delta, point["alpha"]))
+        else:
+            def make(point: dict) -> Merged:
+                return run(method.name, pretrained, experts, **fixed, **point)
+
+        trials, best, best_value = [], None, None
+        for point in points:
+            merged = make(point)
+            accuracy = score(merged)
+            value = _metric(accuracy, method.choose_by, normalize)
+            trials.append({"params": point, "value": value, "accuracy": accuracy})
+            if best_value is None or value > best_value:
+                best, best_value = (point, merged), value
+            step()
+        point, merged = best
     merged.info["search"] = {"split": "val", "metric": method.choose_by,
                              "grid": {k: list(v) for k, v in grids.items()},
                              "chosen": point, "value": best_value, "trials": trials}
+    if per_task_info:
+        merged.info["search"]["per_task"] = per_task_info
     return merged
+
+
+def _choose_per_task(probe: Callable[..., Merged], pretrained: StateDict,
+                     experts: Mapping[str, StateDict], values: tuple, score: Score,
+                     step: Callable[[], None]
+                     ) -> tuple[dict[str, Any], dict]:
+    """{task: the value whose probe model scores best on that task's validation split} (ties:
+    the first), and the record of every value's per-task accuracies."""
+    trials, chosen, best = [], {}, {}
+    for value in values:
+        accuracy = score(probe(pretrained, experts, value))
+        trials.append({"value": value, "accuracy": accuracy})
+        for task, acc in accuracy.items():
+            if task not in best or acc > best[task]:
+                chosen[task], best[task] = value, acc
+        step()
+    return chosen, {"grid": list(values), "chosen": chosen, "trials": trials}
 
 
 def _metric(accuracy: Mapping[str, float], metric: str,

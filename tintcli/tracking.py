@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import secrets
-import statistics
 import subprocess
 import tempfile
 import time
@@ -397,10 +396,10 @@ def over_seeds(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _mean_std(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"mean": None, "std": None}
-    return {"mean": statistics.fmean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+    from tintcli.report import mean_std
+
+    mean, std = mean_std(values, single=0.0)
+    return {"mean": mean, "std": std}
 
 
 def _job_num(path: Path) -> int:

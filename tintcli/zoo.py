@@ -29,7 +29,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from tintcli import cache
-from tintcli.encoders import build_encoder, preprocess
+from tintcli.encoders import build_encoder
 from tintcli.errors import TintError
 from tintcli.evaluation import accuracy
 from tintcli.heads import CaptionEmbeddings, ZeroShotHead
@@ -66,6 +66,10 @@ class TaskEntry:
 
 @dataclass(frozen=True)
 class Zoo:
+    """The ``synth`` pool (``tintcli/pools.py``: ``Pool``), with the accuracies measured when
+    each entry was built."""
+
+    kind = "synth"  # (not a field)
     encoder_cfg: DictConfig
     root: Path
     pretrained_file: Path
@@ -187,6 +191,15 @@ def _check_sizes(encoder_cfg: DictConfig, tasks_cfg: DictConfig) -> None:
                         "Pick a matching encoder or set tasks.image_size.")
 
 
+def _train_inputs(images: torch.Tensor, encoder_cfg: DictConfig) -> torch.Tensor:
+    """The encoder's float inputs to train on, normalised as every forward's (Runtime.inputs),
+    on the CPU (training moves each batch to the device). Laid out channels-last, as the zoo
+    has always trained on: on CUDA the layout picks the conv kernels, so another layout could
+    change the last bits of the weights a rebuilt zoo gets."""
+    runtime = Runtime.create(torch.device("cpu"), encoder_cfg, "fp32")
+    return runtime.inputs(images).contiguous(memory_format=torch.channels_last)
+
+
 def _train_with_bar(progress: Progress, label: str, steps: int, **kwargs) -> list[float]:
     bar = progress.add_task(label, total=steps, info="")
 
@@ -211,7 +224,7 @@ def _pretrain(encoder_cfg: DictConfig, folder: Path, device: torch.device,
         noise = _family_value(encoder_cfg, "pretrain.caption_noise", family)
         noisy = torch.rand(len(split), generator=g) < noise
         random_labels = torch.randint(split.num_classes, (len(split),), generator=g)
-        inputs.append(preprocess(split.images, encoder_cfg))
+        inputs.append(_train_inputs(split.images, encoder_cfg))
         labels.append(offset + torch.where(noisy, random_labels, split.labels))
         offsets[family] = [offset, split.num_classes]
         offset += split.num_classes
@@ -235,7 +248,7 @@ def _build_task(encoder_cfg: DictConfig, tasks_cfg: DictConfig, task: str, folde
     size, seed = int(tasks_cfg.image_size), int(tasks_cfg.seed)
     train = load_synthetic(task, "train", tasks_cfg.train_size, size, seed)
     test = load_synthetic(task, "test", tasks_cfg.test_size, size, seed)
-    train_x = preprocess(train.images, encoder_cfg)
+    train_x = _train_inputs(train.images, encoder_cfg)
     runtime = Runtime.create(device, encoder_cfg, "fp32")  # the zoo's references are exact
 
     encoder = build_encoder(encoder_cfg).to(device)

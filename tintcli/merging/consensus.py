@@ -10,7 +10,8 @@ magnitude pruning of the task vectors before they are summed).
 2. TALL mask of task t: m_t = |theta_0 - theta_t| > lambda_t * |theta_0 + tau - theta_t|
    (strictly greater). The authors build the masks for every lambda in ``TALL_LAMBDAS`` and
    keep, per task, the one whose per-task model theta_0 + m_t * tau has the best validation
-   accuracy on that task; this module takes the chosen lambda_t as a parameter;
+   accuracy on that task (``tall_mask_models`` is that model; tint's selection makes the
+   choice, ``lambdas: null``); a number or a {task: lambda} mapping fixes it;
 3. consensus mask: the entries with sum_t m_t >= ``min_agreement`` (2 by default: drops the
    "catastrophic" weights no task uses and the "selfish" ones only one task uses);
 4. theta = theta_0 + alpha * (consensus mask * tau); the authors pick alpha from
@@ -34,6 +35,7 @@ import torch
 from tintcli.checks import number, whole
 from tintcli.errors import TintError
 from tintcli.io import StateDict
+from tintcli.merged import Merged
 from tintcli.merging.task_vectors import mergeable, merged_in_chunks, stacked_chunks
 from tintcli.methods import register
 
@@ -105,10 +107,28 @@ def consensus_delta(pretrained: Mapping[str, torch.Tensor],
     return {k: merged[k].float() - v.float() for k, v in pretrained.items() if mergeable(v)}
 
 
+def tall_mask_models(pretrained: Mapping[str, torch.Tensor],
+                     experts: Mapping[str, Mapping[str, torch.Tensor]],
+                     lambdas: Lambdas) -> Merged:
+    """The authors' probe for choosing lambda_t: task t runs theta_0 + m_t * tau, the
+    multi-task vector at coefficient 1 under its own TALL mask (``eval_masks`` in
+    tall_masks' ``main.py``), each task's model built when asked."""
+    masks = tall_masks(pretrained, experts, lambdas)
+    tau = {key: merged_in_chunks(pretrained, experts, key,
+                                 lambda part, theta0, thetas: (thetas - theta0).sum(0))
+           for key in _float_keys(pretrained)}
+
+    def task_state(task: str) -> StateDict:
+        return {key: (pretrained[key].float() + masks[task][key] * tau[key].float())
+                .to(pretrained[key].dtype) for key in tau}
+
+    return Merged("consensus_ta", dict(pretrained), overrides=task_state)
+
+
 @register("consensus_ta", check=check_consensus, pretty="Consensus TA",
           paper="https://arxiv.org/abs/2405.07813", code="https://github.com/nik-dim/tall_masks",
-          search={"alpha": CONSENSUS_ALPHAS}, delta=consensus_delta,
-          choose_by="normalized_average")
+          search={"alpha": CONSENSUS_ALPHAS, "lambdas": TALL_LAMBDAS}, delta=consensus_delta,
+          choose_by="normalized_average", per_task={"lambdas": tall_mask_models})
 def consensus_merge(pretrained: Mapping[str, torch.Tensor],
                     experts: Mapping[str, Mapping[str, torch.Tensor]], alpha: float = 0.3,
                     lambdas: Lambdas = 0.4, min_agreement: int = 2) -> StateDict:

@@ -189,9 +189,10 @@ def merge_costs(pretrained: StateDict, experts: dict[str, StateDict], where: str
                 continue
             seconds = time.perf_counter() - start
             del merged
-        points = 1
-        for grid in grids.values():
-            points *= len(grid)
+        points = 1  # per-task parameters' points add (one probe each), the others' multiply
+        for key, grid in grids.items():
+            points *= 1 if key in method.per_task else len(grid)
+        points += sum(len(grid) for key, grid in grids.items() if key in method.per_task)
         out.append({"method": name, "pretty": method.pretty, "where": where,
                     "merge_s": seconds, "grid_points": points,
                     "grid_merges": 1 if method.delta is not None and grids else points,

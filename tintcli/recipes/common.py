@@ -13,15 +13,14 @@ from tintcli.adaptation import AdaptationContext
 from tintcli.benchmark import realism
 from tintcli.cache import ensure_json
 from tintcli.encoders import build_encoder, resolve_device
-from tintcli.errors import TintError
 from tintcli.evaluation import evaluate_state, evaluate_tasks, summarize
 from tintcli.io import StateDict, fingerprint
 from tintcli.merged import Merged
 from tintcli.paths import cache_dir
-from tintcli.pools import FilePool, check_experts_beat_zero_shot, open_pool
+from tintcli.pools import Pool, check_experts_beat_zero_shot, load_pool
 from tintcli.runtime import PRECISIONS, Runtime
 from tintcli.tasks import TaskSplit, check_image_size, load_split, task_names
-from tintcli.zoo import Zoo, ensure_zoo
+from tintcli.zoo import Zoo
 
 
 @dataclass
@@ -31,7 +30,7 @@ class Workbench:
     reference accuracies, and the runtime (device, precision) every forward uses."""
 
     tasks: list[str]
-    pool: Zoo | FilePool
+    pool: Pool
     pretrained: StateDict
     experts: dict[str, StateDict]
     heads: dict[str, nn.Module]
@@ -48,27 +47,24 @@ class Workbench:
         runtime = Runtime.create(device, cfg.encoder, cfg.get("precision", "auto"),
                                  *_eval_settings(cfg))
         tasks = task_names(cfg.tasks)
-        kind = cfg.pool.kind if "pool" in cfg else "synth"
         encoder = build_encoder(cfg.encoder)
         check_image_size(encoder, cfg.tasks, cfg.encoder)
-        if kind == "synth":
-            pool: Zoo | FilePool = ensure_zoo(cfg.encoder, cfg.tasks, tasks, device, console)
-        else:  # the task table is checked before any data or weights are read
-            pool = open_pool(cfg.pool, tasks, encoder, cfg.encoder.name, cfg.tasks)
+        pool = load_pool(cfg, tasks, encoder, device, console)
         test = {t: load_split(cfg.tasks, cfg.encoder, t, "test", console) for t in tasks}
-        with console.status(f"loading the {kind} pool's checkpoints"):
+        with console.status(f"loading the {pool.kind} pool's checkpoints"):
             pretrained = pool.pretrained()
             experts = {t: pool.expert(t, pretrained) for t in tasks}
             heads = {t: pool.head(t) for t in tasks}
-        if isinstance(pool, Zoo):  # the zoo measured its accuracies on these very splits
-            digests = pool.data_digests()
-        else:
-            digests = {t: {"test": test[t].digest} for t in tasks}
+        # the data the pool measured its accuracies on (the zoo: these very splits), else
+        # the test data, on which the workbench measures them
+        digests = pool.data_digests() or {t: {"test": test[t].digest} for t in tasks}
         bench = cls(tasks, pool, pretrained, experts, heads, {"test": test}, encoder.to(device),
                     runtime, {}, digests, cfg)
-        bench.references = pool.reference_accuracies() or bench.measure_references(cfg)
-        if kind != "synth":
-            check_experts_beat_zero_shot(bench.references, kind,
+        measured = pool.reference_accuracies()
+        bench.references = measured or bench.measure_references(cfg)
+        if measured is None:  # measured here: check the pool's task -> checkpoint map
+            # (a pool that brings its own, the zoo, built its experts from its own map)
+            check_experts_beat_zero_shot(bench.references, pool.kind,
                                          bool(cfg.pool.get("check_experts", True)), console)
         return bench
 
@@ -91,12 +87,6 @@ class Workbench:
         """Per split and task: where the pixels came from and their digest (results.json)."""
         return {split: {t: {**d.source, "digest": d.digest} for t, d in data.items()}
                 for split, data in self.splits.items()}
-
-    @property
-    def zoo(self) -> Zoo:
-        if not isinstance(self.pool, Zoo):
-            raise TintError("only the synth pool has a zoo")
-        return self.pool
 
     def measure_references(self, cfg: DictConfig) -> dict[str, tuple[float, float]]:
         """Zero-shot and expert accuracy per task, cached by the digests of the checkpoints
@@ -171,7 +161,7 @@ class Workbench:
         if not isinstance(self.pool, Zoo):
             return None
         validation = {t: d.digest for t, d in self.split("val").items()}
-        return realism(self.zoo, self.tasks, self.pretrained, self.experts,
+        return realism(self.pool, self.tasks, self.pretrained, self.experts,
                        lambda state, split: self.score(state, split), validation,
                        {"device": self.device.type, "precision": self.runtime.precision,
                         "torch": torch.__version__})

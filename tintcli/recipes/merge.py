@@ -334,9 +334,11 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
 
 
 def _chosen(search: dict) -> str:
-    """``α=1.2 on val`` for a row's label."""
-    return ", ".join(f"{'α' if k == 'alpha' else k}={v:g}" if isinstance(v, float) else
-                     f"{k}={v}" for k, v in search["chosen"].items()) + " on val"
+    """``α=1.2, lambdas per task on val`` for a row's label."""
+    chosen = [f"{'α' if k == 'alpha' else k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+              for k, v in search["chosen"].items()]
+    chosen += [f"{k} per task" for k in search.get("per_task", {})]
+    return ", ".join(chosen) + " on val"
 
 
 def _validation(accuracy: dict[str, float]) -> dict:

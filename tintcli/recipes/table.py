@@ -14,7 +14,6 @@ import argparse
 import csv
 import io
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from rich.table import Table
 from tintcli.errors import TintError
 from tintcli.io import atomic_write, canonical, fingerprint
 from tintcli.methods import get_method
+from tintcli.report import mean_std
 
 # PAPER.md's reference averages: (encoder, task set, checkpoint pool kind) -> row -> %.
 # task_vectors-style checkpoints: the final-version table; hf: FusionBench's own re-run.
@@ -72,10 +72,8 @@ class Row:
             self.runs.append(row)
 
     def stat(self, pick) -> tuple[float | None, float | None]:
-        values = [v for v in (pick(r) for r in self.runs) if v is not None]
-        if not values:
-            return None, None
-        return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+        """Mean and sample std over the seeds' runs that have the value (a lone one: no std)."""
+        return mean_std([v for v in (pick(r) for r in self.runs) if v is not None])
 
 
 @dataclass

@@ -16,7 +16,7 @@ def build(cfg: DictConfig, console: Console) -> dict:
     bench = Workbench.load(cfg, console)  # the zoo config has no pool group: synth
     with console.status("checking the benchmark's realism targets"):
         realism = bench.realism()
-    title = f"zoo {bench.zoo.pretrained_file.parent}"
+    title = f"zoo {bench.pool.pretrained_file.parent}"
     console.print(results_table(bench.reference_rows(), bench.tasks, title, console.width))
     console.print(realism_text(realism))
     console.print(f"zoo ready in {time.time() - started:.0f}s")

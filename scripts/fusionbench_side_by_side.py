@@ -1,0 +1,430 @@
+"""FusionBench's own TSV-M, ISO-C, ISO-CTS and EMR beside tint's, on tint's synth8 zoo.
+
+Runs the merging functions of the installed FusionBench package (not a copy of them):
+
+- TSV-M: ``fusion_bench.method.task_singular_vector.utils.TSVM_utils.
+  compute_and_sum_svd_mem_reduction``
+- ISO-C, ISO-CTS: ``fusion_bench.method.isotropic_merging.iso_utils.iso_c`` / ``iso_cts``
+  (common_space_fraction 0.8)
+- EMR: ``fusion_bench.method.emr_merging.utils.emr_merge``
+
+on tint's task vectors τt = expert − θ0 (float32, in the open_clip / Hugging Face layout
+FusionBench sees, as tests/test_reference_svd.py feeds its transcribed oracles: timm's
+(1, N, D) ``pos_embed`` as an (N, D) matrix, the (1, 1, D) ``cls_token`` as a vector), and
+builds θ = θ0 + α·Δ with FusionBench's ``state_dict_add`` / ``state_dict_mul``, as its
+``run`` methods do; EMR's task t runs θ0 + rescaler_t · τuni ⊙ mask_t (its
+``EMRTaskModulator.apply``). tint's side is ``tintcli.selection.choose`` and
+``tintcli.methods.run``. Both are scored by ``Workbench.score_merged``.
+
+Protocol: for TSV-M, ISO-C and ISO-CTS, α is chosen on the validation split from the
+authors' grid {0.1, ..., 3.0} (``tintcli.merging.tsv.ALPHAS``) by average accuracy (ties: the
+smallest α), then test accuracy is reported; FusionBench's fixed α = 1.0 is reported too.
+EMR has no parameters. The weight column is max|θ_tint − θ_FB| / max|θ_tint| over every
+entry, at tint's chosen α (EMR: over the eight per-task models).
+
+Cost: one Δ per method and implementation (about a second), then one validation pass per
+grid point (about 3.5 s on one CPU thread). FusionBench's validation grid is only scored
+where its merged weights differ from tint's by more than ``--tolerance`` (relative, as in
+the weight column; elsewhere tint's accuracy at that α is reused and the count is printed);
+``--full-grid`` scores every point of both grids (twice the time; about 12 minutes on one
+busy CPU thread).
+
+Installing FusionBench (a heavy install: it is not a tint dependency and this script is not
+run in CI). Either ``pip install fusion-bench`` into tint's venv (pulls lightning,
+transformers, datasets, peft, ... and may move versions tint pins), or, leaving tint's venv
+untouched, into a folder of its own:
+
+    .venv/bin/pip install --target /tmp/fb --no-deps fusion-bench bidict lightning \\
+        lightning-utilities torchmetrics accelerate peft
+
+(the rest of what the three modules import — torch, transformers, hydra-core, rich, scipy,
+... — already comes with tint's venv; never install torch there). The script imports
+``fusion_bench`` from the venv if it can, else from ``--fusion-bench-path`` (default
+``$FUSION_BENCH_PATH`` or /tmp/fb), appended to ``sys.path`` so the venv's packages win.
+
+    .venv/bin/python scripts/fusionbench_side_by_side.py --device cpu --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.metadata
+import io
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import torch
+
+Tensor = torch.Tensor
+StateDict = dict[str, Tensor]
+
+FB_MODULES = {
+    "tsvm": "fusion_bench.method.task_singular_vector.utils.TSVM_utils",
+    "iso": "fusion_bench.method.isotropic_merging.iso_utils",
+    "emr": "fusion_bench.method.emr_merging.utils",
+    "arith": "fusion_bench.utils.state_dict_arithmetic",
+}
+INSTALL_HINT = ("pip install --target /tmp/fb --no-deps fusion-bench bidict lightning "
+                "lightning-utilities torchmetrics accelerate peft")
+COMMON_FRACTION = 0.8  # ISO-CTS's common space (tint's default, FusionBench's config)
+
+
+# --------------------------------------------------------------------------------------
+# FusionBench, imported from the venv or from its own folder
+# --------------------------------------------------------------------------------------
+
+
+def import_fusion_bench(path: str) -> SimpleNamespace:
+    """FusionBench's merging functions and its version, from its installed package."""
+    try:
+        importlib.import_module("fusion_bench")
+    except ImportError:
+        if not os.path.isdir(path):
+            sys.exit(f"fusion_bench is not importable and {path} does not exist: {INSTALL_HINT}")
+        sys.path.append(path)  # after the venv's site-packages: tint's versions win
+    modules = {}
+    for name, module in FB_MODULES.items():
+        try:
+            modules[name] = importlib.import_module(module)
+        except ImportError as err:
+            sys.exit(f"cannot import {module} ({err}); install what it needs, e.g. "
+                     f"{INSTALL_HINT}")
+    fb = importlib.import_module("fusion_bench")
+    return SimpleNamespace(
+        version=importlib.metadata.version("fusion-bench"),
+        location=os.path.dirname(fb.__file__ or ""),
+        compute_and_sum_svd_mem_reduction=modules["tsvm"].compute_and_sum_svd_mem_reduction,
+        iso_c=modules["iso"].iso_c,
+        iso_cts=modules["iso"].iso_cts,
+        emr_merge=modules["emr"].emr_merge,
+        state_dict_sub=modules["arith"].state_dict_sub,
+        state_dict_add=modules["arith"].state_dict_add,
+        state_dict_mul=modules["arith"].state_dict_mul,
+    )
+
+
+def quiet(fn: Callable[[], object]) -> object:
+    """FusionBench prints a line per tensor; keep them out of the table."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn()
+
+
+# --------------------------------------------------------------------------------------
+# tint's state dicts in the layout FusionBench sees, and back
+# --------------------------------------------------------------------------------------
+
+
+def reference_layout(state: Mapping[str, Tensor]) -> StateDict:
+    """open_clip / Hugging Face shapes (pos_embed (N, D), cls_token (D,)), floats, in fp32."""
+    out: StateDict = {}
+    for key, value in state.items():
+        if not value.is_floating_point():
+            continue
+        if key == "pos_embed":
+            value = value.squeeze(0)
+        elif key == "cls_token":
+            value = value.reshape(-1)
+        out[key] = value.float()
+    return out
+
+
+def back_to(state: Mapping[str, Tensor], like: Mapping[str, Tensor]) -> StateDict:
+    """Every entry of ``like``: ``state``'s reshaped and in ``like``'s dtype, else ``like``'s."""
+    return {key: state[key].reshape(value.shape).to(value.dtype) if key in state
+            else value.clone() for key, value in like.items()}
+
+
+def differences(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> tuple[float, float]:
+    """(max |a − b|, max |a|) over every floating-point entry of ``a``."""
+    keys = [k for k, v in a.items() if v.is_floating_point()]
+    scale = max(a[k].abs().max().item() for k in keys)
+    diff = max((a[k].double() - b[k].reshape(a[k].shape).double()).abs().max().item()
+               for k in keys)
+    return diff, scale
+
+
+def relative_difference(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
+    """max |a − b| / max |a| over every floating-point entry."""
+    diff, scale = differences(a, b)
+    return diff / scale if scale > 0 else diff
+
+
+# --------------------------------------------------------------------------------------
+# The comparison
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Side:
+    """One implementation's outcome for one method."""
+
+    alpha: float | None = None  # chosen on validation (None: nothing to choose)
+    test: dict[str, float] = field(default_factory=dict)  # at the chosen α
+    test_at_one: dict[str, float] = field(default_factory=dict)  # at α = 1.0
+    val: dict[float, float] = field(default_factory=dict)  # α -> validation average
+    scored: list[float] = field(default_factory=list)  # α scored on val (FusionBench: the
+    # rest reuse tint's accuracy, the weights being equal to within --tolerance)
+    delta_s: float = 0.0  # time to compute Δ (EMR: the merge)
+    grid_s: float = 0.0  # time for the validation grid
+
+
+@dataclass
+class Row:
+    method: str
+    tint: Side
+    fb: Side
+    weights: float  # relative weight difference at tint's chosen α
+    delta: float | None = None  # relative difference of the unscaled Δ
+
+
+def average(accuracy: Mapping[str, float]) -> float:
+    return sum(accuracy.values()) / len(accuracy)
+
+
+def compare_alpha_method(bench, fb: SimpleNamespace, name: str, pretty: str,
+                         fb_delta: Callable[[list[StateDict]], StateDict],
+                         fixed: dict[str, float], args: argparse.Namespace,
+                         log: Callable[[str], None]) -> Row:
+    """A θ0 + α·Δ method, α chosen on validation, tint's and FusionBench's."""
+    from tintcli.merged import Merged
+    from tintcli.merging.task_vectors import add_task_vector
+    from tintcli.merging.tsv import ALPHAS
+    from tintcli.methods import get_method, run
+    from tintcli.selection import choose
+
+    pretrained, experts = bench.pretrained, bench.experts
+    method = get_method(name)
+    val = lambda merged: bench.score_merged(merged, "val")  # noqa: E731
+
+    # tint: its own protocol (tintcli.selection.choose), one Δ for the grid
+    tint = Side()
+    start = time.perf_counter()
+    tint_delta = method.delta(pretrained, experts, **fixed)
+    tint.delta_s = time.perf_counter() - start
+    start = time.perf_counter()
+    chosen = choose(method, pretrained, experts, {"alpha": None, **fixed}, None, val,
+                    on_point=lambda i, n: log(f"{pretty} tint val {i}/{n}") if i % 10 == 0
+                    else None)
+    tint.grid_s = time.perf_counter() - start
+    search = chosen.info["search"]
+    tint.alpha = float(search["chosen"]["alpha"])
+    tint.val = {float(t["params"]["alpha"]): average(t["accuracy"]) for t in search["trials"]}
+    tint_val_accuracy = {float(t["params"]["alpha"]): t["accuracy"] for t in search["trials"]}
+    tint.scored = list(tint.val)
+    tint.test = bench.score_merged(chosen, "test")
+    tint.test_at_one = (tint.test if tint.alpha == 1.0 else
+                        bench.score_merged(run(name, pretrained, experts, alpha=1.0, **fixed),
+                                           "test"))
+
+    # FusionBench: its function on the task vectors, θ = θ0 + α·Δ with its arithmetic
+    side = Side()
+    floats = reference_layout(pretrained)
+    start = time.perf_counter()
+    vectors = [fb.state_dict_sub(reference_layout(e), floats) for e in experts.values()]
+    delta = quiet(lambda: fb_delta(vectors))
+    side.delta_s = time.perf_counter() - start
+
+    def fb_state(alpha: float) -> StateDict:
+        return back_to(fb.state_dict_add(floats, fb.state_dict_mul(delta, alpha)), pretrained)
+
+    start = time.perf_counter()
+    best: float | None = None
+    for i, alpha in enumerate(ALPHAS):
+        state = fb_state(alpha)
+        same = relative_difference(add_task_vector(pretrained, tint_delta, alpha), state)
+        if args.full_grid or same > args.tolerance:
+            accuracy = val(Merged(f"{name}-fusion_bench", state))
+            side.scored.append(alpha)
+        else:  # the weights agree to within the tolerance: tint's score at this α
+            accuracy = tint_val_accuracy[alpha]
+        side.val[alpha] = average(accuracy)
+        if best is None or side.val[alpha] > best:  # ties: the first, as tint's choose
+            side.alpha, best = alpha, side.val[alpha]
+        if (i + 1) % 10 == 0:
+            log(f"{pretty} FusionBench val {i + 1}/{len(ALPHAS)} ({len(side.scored)} scored)")
+    side.grid_s = time.perf_counter() - start
+    assert side.alpha is not None
+    side.test = bench.score_merged(Merged(name, fb_state(side.alpha)), "test")
+    side.test_at_one = (side.test if side.alpha == 1.0 else
+                        bench.score_merged(Merged(name, fb_state(1.0)), "test"))
+
+    tint_state = add_task_vector(pretrained, tint_delta, tint.alpha)
+    return Row(pretty, tint, side, relative_difference(tint_state, fb_state(tint.alpha)),
+               relative_difference(tint_delta, back_to(delta, tint_delta)))
+
+
+def compare_emr(bench, fb: SimpleNamespace) -> Row:
+    """EMR: one model per task, no parameters."""
+    from tintcli.merged import Merged
+    from tintcli.methods import run
+
+    pretrained, experts = bench.pretrained, bench.experts
+    tint = Side()
+    start = time.perf_counter()
+    merged = run("emr", pretrained, experts)
+    tint.delta_s = time.perf_counter() - start
+    tint.test = bench.score_merged(merged, "test")
+
+    side = Side()
+    floats = reference_layout(pretrained)
+    start = time.perf_counter()
+    vectors = [fb.state_dict_sub(reference_layout(e), floats) for e in experts.values()]
+    unified, masks, rescalers = quiet(lambda: fb.emr_merge(vectors))
+    states = {}
+    for t, task in enumerate(experts):  # EMRTaskModulator.apply: θ0 + τuni ⊙ mask · rescaler
+        delta = {k: unified[k] * masks[k][t] * rescalers[t] for k in unified}
+        states[task] = back_to(fb.state_dict_add(floats, delta), pretrained)
+    side.delta_s = time.perf_counter() - start
+    side.test = bench.score_merged(Merged("emr-fusion_bench", dict(pretrained),
+                                          overrides=states.__getitem__), "test")
+
+    pairs = [differences(merged.task_state(task), states[task]) for task in experts]
+    return Row("EMR", tint, side, max(d for d, _ in pairs) / max(s for _, s in pairs))
+
+
+# --------------------------------------------------------------------------------------
+# Printing
+# --------------------------------------------------------------------------------------
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def with_alpha(side: Side) -> str:
+    return pct(average(side.test)) + (f" (α={side.alpha:g})" if side.alpha is not None else "")
+
+
+def at_one(side: Side) -> str:
+    return pct(average(side.test_at_one)) if side.test_at_one else "–"
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def report(rows: list[Row], tasks: list[str]) -> str:
+    main = markdown(
+        ["method", "tint test avg (α)", "FusionBench test avg (α)", "tint @ α=1",
+         "FusionBench @ α=1", "max|θ_tint − θ_FB| / max|θ_tint|"],
+        [[r.method, with_alpha(r.tint), with_alpha(r.fb), at_one(r.tint), at_one(r.fb),
+          f"{r.weights:.1e}"] for r in rows])
+    per_task = []
+    for r in rows:
+        for impl, side in (("tint", r.tint), ("FusionBench", r.fb)):
+            alpha = f", α={side.alpha:g}" if side.alpha is not None else ""
+            per_task.append([f"{r.method} ({impl}{alpha})",
+                             *(pct(side.test[t]) for t in tasks), pct(average(side.test))])
+    tasks_table = markdown(["test accuracy (%)", *tasks, "avg"], per_task)
+    return f"{main}\n\n{tasks_table}"
+
+
+def details(rows: list[Row]) -> str:
+    lines = []
+    for r in rows:
+        line = (f"{r.method}: Δ / merge time tint {r.tint.delta_s:.2f} s, FusionBench "
+                f"{r.fb.delta_s:.2f} s")
+        if r.delta is not None:
+            scored = len(r.fb.scored)
+            differ = [a for a in r.fb.scored if r.tint.val[a] != r.fb.val[a]]
+            best = max(r.tint.val.values())
+            line += (f"; unscaled Δ differ by {r.delta:.1e} (relative); val grid "
+                     f"tint {len(r.tint.scored)} points in {r.tint.grid_s:.0f} s, FusionBench "
+                     f"{scored} scored + {len(r.fb.val) - scored} reused in "
+                     f"{r.fb.grid_s:.0f} s; val avg differs at {len(differ)} of the {scored} "
+                     "scored α"
+                     f"{' (' + ', '.join(f'{a:g}' for a in differ) + ')' if differ else ''}; "
+                     f"best val avg tint {pct(best)}, FusionBench {pct(max(r.fb.val.values()))}")
+        lines.append(line)
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------
+
+
+def load_bench(device: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from rich.console import Console
+
+    from tintcli.methods import register_configs
+    from tintcli.paths import CONF_DIR
+    from tintcli.recipes.common import Workbench
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("merge", overrides=[f"device={device}", *overrides])
+    return Workbench.load(cfg, Console(stderr=True)), cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="tint's device (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own choice)")
+    parser.add_argument("--fusion-bench-path",
+                        default=os.environ.get("FUSION_BENCH_PATH", "/tmp/fb"),
+                        help="where FusionBench was pip-installed with --target, used only "
+                             "if fusion_bench is not importable otherwise")
+    parser.add_argument("--full-grid", action="store_true",
+                        help="score FusionBench's every validation point, even where its "
+                             "weights match tint's to within --tolerance")
+    parser.add_argument("--tolerance", type=float, default=1e-5,
+                        help="relative weight difference under which FusionBench's "
+                             "validation point reuses tint's accuracy (default 1e-5)")
+    parser.add_argument("overrides", nargs="*",
+                        help="extra Hydra overrides (default: synth8, synth_vit, pool synth)")
+    args = parser.parse_args(argv)
+
+    begin = time.perf_counter()
+    log = lambda msg: print(f"[{time.perf_counter() - begin:6.0f} s] {msg}",  # noqa: E731
+                            file=sys.stderr, flush=True)
+    fb = import_fusion_bench(args.fusion_bench_path)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log(f"fusion_bench {fb.version} from {fb.location}")
+    bench, cfg = load_bench(args.device, args.overrides)
+    log(f"loaded {cfg.tasks.name} / {cfg.encoder.name}: {len(bench.tasks)} tasks")
+
+    accelerator = str(bench.device)
+    rows = [
+        compare_alpha_method(
+            bench, fb, "tsv_m", "TSV-M",
+            lambda tvs: fb.compute_and_sum_svd_mem_reduction(tvs, exclude_keys=[],
+                                                             accelerator=accelerator),
+            {}, args, log),
+        compare_alpha_method(
+            bench, fb, "iso_c", "ISO-C",
+            lambda tvs: fb.iso_c(tvs, accelerator=accelerator, exclude_keys=[]),
+            {}, args, log),
+        compare_alpha_method(
+            bench, fb, "iso_cts", "ISO-CTS",
+            lambda tvs: fb.iso_cts(tvs, COMMON_FRACTION, accelerator=accelerator,
+                                   exclude_keys=[]),
+            {"common_fraction": COMMON_FRACTION}, args, log),
+    ]
+    log("EMR")
+    rows.append(compare_emr(bench, fb))
+    total = time.perf_counter() - begin
+
+    print(f"tint vs FusionBench on {cfg.tasks.name} ({cfg.encoder.name}, {len(bench.tasks)} "
+          f"tasks; α chosen on val from 0.1..3.0, test accuracy in %)\n")
+    print(report(rows, bench.tasks))
+    print()
+    print(details(rows))
+    print(f"\nfusion_bench {fb.version}, torch {torch.__version__}, tintcli "
+          f"{importlib.metadata.version('tintcli')}, Python {platform.python_version()}; "
+          f"device {bench.device}, {torch.get_num_threads()} CPU thread(s); "
+          f"{'full grids' if args.full_grid else f'tolerance {args.tolerance:g}'}; "
+          f"wall time {total:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
