@@ -265,8 +265,9 @@ def test_tinting_pp_judges_the_current_model_with_the_current_tinted_head(bench)
         run.step(task)
     seen = []
     sampler = keep_confident
-    run.sampler = lambda merged, expert: seen.append((merged.detach(), expert)) or sampler(
-        merged, expert)
+    run.loss_fn = lambda logits, features, targets: pseudo_label_loss(
+        logits.float(), targets, lambda merged, expert: seen.append(
+            (merged.detach(), expert)) or sampler(merged, expert))
     images, targets = run.next_batch("digits")
     with torch.no_grad():
         features = functional_call(run.encoder, run.merger(), (images,))
@@ -286,7 +287,9 @@ def test_tinting_takes_no_step_when_no_sample_is_kept(bench):
     assert run.optimizer.state  # (it took a step)
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     before = [p.detach().clone() for p in params]
-    run.sampler = lambda merged, expert: torch.zeros(len(expert), dtype=torch.bool)
+    run.loss_fn = lambda logits, features, targets: pseudo_label_loss(
+        logits.float(), targets, lambda merged, expert: torch.zeros(len(expert),
+                                                                    dtype=torch.bool))
     assert run.step("digits") == 0.0
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
     assert run.steps_done == 2
@@ -379,3 +382,59 @@ def test_task_vectors_stored_in_bf16_merge_as_in_fp32(bench):
     for key in exact.keys:
         scale = merged[key].abs().max().item() + 1e-6
         assert (merged[key] - approx[key]).abs().max().item() <= 1e-2 * scale, key
+
+
+@pytest.mark.parametrize("loss", ["l1feature", "selfentropy", "crossgt"])
+def test_each_symerge_loss_learns_from_its_own_target(bench, loss):
+    """SyMerge's losses (losses.py): the trainer's targets are the experts' features
+    (l1feature), nothing (selfentropy) or the true labels (crossgt), and its first step's loss
+    is that loss of the merged model at λ's start (task arithmetic at 0.3) with the zero-shot
+    heads, computed here from scratch. Catches a loss wired to the wrong target (the expert's
+    logits where features are meant), the head's output where features are meant, or a
+    loss that never reaches the step."""
+    context = bench.adaptation_context(seed=0)
+    task = "digits"
+    run = Tinting(bench.pretrained, bench.experts, context, loss=loss)
+    inputs = context.runtime.inputs(context.images[task])
+    expert = copy.deepcopy(bench.encoder)
+    expert.load_state_dict(bench.experts[task])
+    with torch.no_grad():
+        features = expert(inputs)
+    if loss == "l1feature":
+        assert torch.allclose(run.targets[task], features, atol=1e-5)
+    elif loss == "crossgt":
+        assert torch.equal(run.targets[task], bench.test_data[task].labels)
+    else:
+        assert run.targets is None
+    x, index = inputs[:16], torch.arange(16)
+    targets = None if run.targets is None else run.targets[task][index]
+    merged = copy.deepcopy(bench.encoder)
+    merged.load_state_dict(task_arithmetic_merge(bench.pretrained, bench.experts, lam=0.3))
+    with torch.no_grad():
+        z = merged(x)
+        logits = bench.heads[task](z)
+    expected = {"l1feature": lambda: (z - features[:16]).abs().mean(),
+                "selfentropy": lambda: entropy(logits),
+                "crossgt": lambda: torch.nn.functional.cross_entropy(logits, targets)}[loss]()
+    assert run.step(task, (x, targets)) == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_symerge_is_model_tinting_pp_under_its_final_name_and_crossgt_needs_oracle(bench):
+    """The same trainer, the same numbers (λ and heads bitwise); the true-label loss is
+    refused without oracle=true, before any work."""
+    from tintcli.methods import check_parameters
+
+    ours = adapt("symerge", bench.pretrained, bench.experts, bench.adaptation_context(seed=0),
+                 epochs=2)
+    pp = adapt("tinting", bench.pretrained, bench.experts, bench.adaptation_context(seed=0),
+               epochs=2, sampler="confidence")
+    assert torch.equal(ours.lambdas, pp.lambdas)
+    assert all(torch.equal(ours.heads[t].weight, pp.heads[t].weight) for t in ours.tasks)
+    plain = adapt("tinting", bench.pretrained, bench.experts, bench.adaptation_context(seed=0),
+                  epochs=2)
+    assert not torch.equal(plain.lambdas, pp.lambdas)  # the sampler decides the numbers
+    with pytest.raises(TintError, match="loss=crossgt learns from the test images' true"):
+        check_parameters("symerge", {"loss": "crossgt"})
+    check_parameters("symerge", {"loss": "crossgt", "oracle": True})
+    with pytest.raises(TintError, match="applies to loss=crosspseudo, not loss=selfentropy"):
+        check_parameters("tinting", {"loss": "selfentropy", "sampler": "confidence"})

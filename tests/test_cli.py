@@ -301,6 +301,23 @@ def test_bench_times_every_registered_data_free_merge_on_stand_in_shapes(run_tin
     assert _first_line(bad) == "error: parts=speed is not a part tint bench measures"
 
 
+def test_a_true_label_oracle_is_refused_unless_asked_and_labelled_in_the_table(run_tint,
+                                                                             tmp_path):
+    """loss=crossgt learns from the test labels: refused before any work without
+    oracle=true; with it, its row says so and maps to no paper row."""
+    refused = run_tint("merge", *TINY, "method=symerge", "method.loss=crossgt",
+                       f"hydra.run.dir={tmp_path / 'no'}")
+    assert refused.returncode == 2
+    assert _first_line(refused).startswith("error: bad parameters for method 'symerge': "
+                                           "loss=crossgt learns from the test images' true")
+    out = run_tint("merge", *TINY, "method=symerge", "method.loss=crossgt", "method.oracle=true",
+                   "method.epochs=1", f"hydra.run.dir={tmp_path / 'yes'}")
+    assert out.returncode == 0, out.stderr
+    row = json.loads((tmp_path / "yes" / "results.json").read_text())["rows"][-1]
+    assert row["name"] == "SyMerge (oracle: true labels)" and row["oracle"] is True
+    assert row["reference"]["row"] == "oracle"
+
+
 def test_bench_timing_is_the_median_of_the_timed_calls_after_warmup(monkeypatch):
     import torch
 

@@ -22,16 +22,11 @@ from tintcli.adaptation import (
     check_common,
     check_finite,
 )
+from tintcli.adaptation.losses import entropy
 from tintcli.checks import number, one_of, whole
 from tintcli.io import EXTRA, StateDict, encoder_entries
 from tintcli.merging.ties import ties_task_vectors
 from tintcli.methods import register
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Mean Shannon entropy of the softmax predictions over the batch."""
-    log_p = logits.float().log_softmax(-1)
-    return -(log_p.exp() * log_p).sum(-1).mean()
 
 
 class AdaMerging(AdaptationRun):

@@ -49,7 +49,11 @@ class AdaptationContext:
     checkpoint_every: int = 100
     checkpoint_key: dict = field(default_factory=dict)
     console: Console | None = None  # where notes go (None: stderr)
-    _expert_logits: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # the images' true labels: only an oracle may learn from them (loss=crossgt, oracle=true)
+    labels: Mapping[str, torch.Tensor] | None = None
+    # the experts' logits / features on the images, by kind, then task: computed once a run
+    _expert_outputs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict,
+                                                                repr=False)
 
     @property
     def tasks(self) -> list[str]:
@@ -86,16 +90,27 @@ class AdaptationContext:
     def expert_logits(self, experts: Mapping[str, StateDict]) -> dict[str, torch.Tensor]:
         """Each expert's logits on its task's adaptation images, on the device: computed on
         first use and reused for the rest of the run, by every method that needs them."""
-        missing = [t for t in self.tasks if t not in self._expert_logits]
+        return self._expert_outputs_of(experts, "logits")
+
+    def expert_features(self, experts: Mapping[str, StateDict]) -> dict[str, torch.Tensor]:
+        """Each expert encoder's features (before the head) on its task's adaptation
+        images, computed once as the logits are (Surgery's and ``l1feature``'s target)."""
+        return self._expert_outputs_of(experts, "features")
+
+    def _expert_outputs_of(self, experts: Mapping[str, StateDict], kind: str
+                           ) -> dict[str, torch.Tensor]:
+        outputs = self._expert_outputs.setdefault(kind, {})
+        missing = [t for t in self.tasks if t not in outputs]
         encoder = copy.deepcopy(self.encoder).to(self.device).eval() if missing else None
         for task in missing:
             encoder.load_state_dict(encoder_entries(experts[task]))
             head, out = self.head(task), []
             for inputs in self.runtime.batches(self.images[task]):
-                with self.runtime.autocast():
-                    out.append(head(encoder(inputs)).float())
-            self._expert_logits[task] = torch.cat(out)
-        return self._expert_logits
+                with torch.no_grad(), self.runtime.autocast():  # fixed targets, no graph
+                    features = encoder(inputs)
+                    out.append((head(features) if kind == "logits" else features).float())
+            outputs[task] = torch.cat(out)
+        return outputs
 
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)

@@ -5,7 +5,11 @@ default that task's classification head, initialised from its zero-shot head (we
 bias trained). Trained jointly with Adam (lr 1e-2) for 500 epochs; each epoch visits the
 tasks in a shuffled order and takes one step per task on a batch of 32 of its unlabeled test
 images, with cross-entropy to the pseudo-labels of that task's expert. The ``sampler`` picks
-which samples count: ``all`` (Model Tinting) or ``confidence`` (Model Tinting++).
+which samples count: ``all`` (Model Tinting) or ``confidence`` (Model Tinting++). ``loss``
+takes SyMerge's names (``losses.py``): ``crosspseudo`` (the default: with ``sampler``),
+``crosspseudoconf`` (the confidence sampler whatever ``sampler`` says), ``selfentropy``,
+``l1feature``, and ``crossgt`` (true labels: only with ``oracle=true``). ``symerge`` is the
+final paper's name for Model Tinting++: this trainer with ``loss=crosspseudoconf``.
 
 ``tint`` can instead name a module of the encoder (e.g. ``blocks.3.mlp.fc2``): each task
 then gets its own copy of that module's weights, starting from the merged ones (a trainable
@@ -29,8 +33,8 @@ from tintcli.adaptation import (
     Adapted,
     check_common,
     check_finite,
-    pseudo_label_loss,
 )
+from tintcli.adaptation.losses import LOSSES, ORACLES, TARGETS
 from tintcli.checks import one_of, whole
 from tintcli.io import StateDict, encoder_entries
 from tintcli.methods import register
@@ -59,6 +63,17 @@ def check_tinting(params: Mapping[str, object], encoder: nn.Module | None) -> No
     check_common(params)
     whole(params, "epochs")
     one_of(params, "sampler", list(SAMPLERS))
+    one_of(params, "loss", list(LOSSES))
+    loss = params.get("loss", "crosspseudo")
+    if loss in ORACLES and params.get("oracle") is not True:
+        raise ValueError(f"loss={loss} learns from the test images' true labels: an oracle, "
+                         "never a result\nPass oracle=true to run it (every table labels "
+                         "its row as an oracle).")
+    if params.get("oracle") not in (None, True, False):
+        raise ValueError(f"oracle={params['oracle']} must be true or false")
+    if params.get("sampler", "all") != "all" and TARGETS.get(loss) != "logits":
+        raise ValueError(f"sampler={params['sampler']} picks pseudo-labelled samples: it "
+                         f"applies to loss=crosspseudo, not loss={loss}")
     if "tint" in params and not (isinstance(params["tint"], str) and params["tint"]):
         raise ValueError(f"tint={params['tint']} must be 'head' or the name of an encoder "
                          "module")
@@ -73,8 +88,11 @@ class Tinting(AdaptationRun):
 
     def __init__(self, pretrained: StateDict, experts: Mapping[str, StateDict],
                  context: AdaptationContext, tint: str = "head", sampler: str = "all",
-                 lam_init: float = 0.3, lr: float = 1e-2, batch_size: int = 32):
-        self.sampler = SAMPLERS[sampler]
+                 lam_init: float = 0.3, lr: float = 1e-2, batch_size: int = 32,
+                 loss: str = "crosspseudo"):
+        if loss == "crosspseudo" and sampler == "confidence":
+            loss = "crosspseudoconf"  # Model Tinting++ as its YAML (sampler=confidence) says
+        self.loss, self.loss_fn = loss, LOSSES[loss]
         self.tint = tint
         keys = [] if tint == "head" else tinted_keys(context.encoder, tint)
         pretrained, vectors = context.task_vectors(pretrained, experts)
@@ -92,7 +110,11 @@ class Tinting(AdaptationRun):
         trainable = [*self.merger.parameters(), *self.heads.parameters(),
                      *self.offsets.parameters()]
         self.optimizer = torch.optim.Adam([p for p in trainable if p.requires_grad], lr=lr)
-        self.targets = context.expert_logits(experts)  # computed once per run, then reused
+        # what the loss learns from, computed once per run, then reused (none: selfentropy)
+        what = TARGETS[loss]
+        self.targets = (context.expert_logits(experts) if what == "logits" else
+                        context.expert_features(experts) if what == "features" else
+                        _labels(context) if what == "labels" else None)
         self.epoch: list[str] = []          # this epoch's order of tasks (empty between epochs)
         self.epoch_losses: list[float] = []  # its steps' losses so far
 
@@ -129,18 +151,21 @@ class Tinting(AdaptationRun):
         super().load_progress(progress)
         self.epoch, self.epoch_losses = list(progress["epoch"]), list(progress["epoch_losses"])
 
-    def next_batch(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, task: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         index = self.next_index(task)
+        if self.targets is None:
+            return self.images(task, index), None
         return self.images(task, index), self.targets[task][index.to(self.targets[task].device)]
 
     def step(self, task: str, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
         """One step on one task's batch: merge on the device, forward, one backward."""
-        images, expert_logits = self.next_batch(task) if batch is None else batch
+        images, targets = self.next_batch(task) if batch is None else batch
         merged = self.merger()
         weights = {**encoder_entries(merged), **self._tinted(merged, task)}
         with self.autocast():
-            logits = self.heads[task](functional_call(self.encoder, weights, (images,)))
-        loss, kept = pseudo_label_loss(logits.float(), expert_logits, self.sampler)
+            features = functional_call(self.encoder, weights, (images,))
+            logits = self.heads[task](features)
+        loss, kept = self.loss_fn(logits, features, targets)
         check_finite(loss, self.name, self.steps_done + 1, task)
         self.steps_done += 1
         if kept == 0:  # nothing to learn from: Adam's momentum alone must not move anything
@@ -158,7 +183,8 @@ class Tinting(AdaptationRun):
         head = self.heads[task]
 
         def plain_step() -> None:
-            pseudo_label_loss(head(plain(batch[0])), batch[1], self.sampler)[0].backward()
+            features = plain(batch[0])
+            self.loss_fn(head(features), features, batch[1])[0].backward()
 
         return (f"Model Tinting step (one task: {task})", len(batch[0]),
                 lambda: self.step(task, batch), plain_step)
@@ -176,18 +202,47 @@ class Tinting(AdaptationRun):
                             self.tint)
 
 
+def _labels(context: AdaptationContext) -> dict[str, torch.Tensor]:
+    if context.labels is None:
+        raise ValueError("loss=crossgt needs the adaptation images' true labels, and this "
+                         "context has none")
+    return {t: context.labels[t].to(context.device) for t in context.tasks}
+
+
+def _row(params: Mapping[str, Any]) -> str:
+    """The reference row: the paper's Model Tinting / SyMerge row, except an oracle's."""
+    return "oracle" if params.get("loss") in ORACLES else "tinting"
+
+
 @register("tinting", adaptive=True, check=check_tinting, pretty="Model Tinting",
           paper="https://arxiv.org/abs/2412.19098", code="https://github.com/AIM-SKKU/SyMerge",
-          trainer=Tinting)
+          trainer=Tinting, variant=_row)
 def tinting_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                   context: AdaptationContext, tint: str = "head", sampler: str = "all",
                   lam_init: float = 0.3, lr: float = 1e-2, epochs: int = 500,
-                  batch_size: int = 32) -> Adapted:
+                  batch_size: int = 32, loss: str = "crosspseudo",
+                  oracle: bool = False) -> Adapted:
     """``tint``: the tinted layer, each task's head or an encoder module (blocks.3.mlp.fc2);
     ``sampler``: which pseudo-labelled samples count (all; confidence: Tinting++);
     ``lam_init``: λ's start; Adam at ``lr`` for λ and the tinted layers; ``epochs`` of one
-    step per task, tasks in shuffled order; ``batch_size`` images per step."""
-    run = Tinting(pretrained, experts, context, tint, sampler, lam_init, lr, batch_size)
+    step per task, tasks in shuffled order; ``batch_size`` images per step; ``loss``:
+    SyMerge's names (losses.py); ``oracle``: allows ``loss=crossgt`` (true labels)."""
+    run = Tinting(pretrained, experts, context, tint, sampler, lam_init, lr, batch_size, loss)
     run.train(epochs * len(run.tasks), {"tint": tint, "sampler": sampler, "lam_init": lam_init,
-                                        "lr": lr, "epochs": epochs, "batch_size": batch_size})
+                                        "lr": lr, "epochs": epochs, "batch_size": batch_size,
+                                        "loss": loss, "oracle": oracle})
     return run.result(run.curve)
+
+
+@register("symerge", adaptive=True, check=check_tinting, pretty="SyMerge",
+          paper="https://arxiv.org/abs/2412.19098", code="https://github.com/AIM-SKKU/SyMerge",
+          trainer=Tinting, variant=_row)
+def symerge_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
+                  context: AdaptationContext, tint: str = "head", sampler: str = "all",
+                  lam_init: float = 0.3, lr: float = 1e-2, epochs: int = 500,
+                  batch_size: int = 32, loss: str = "crosspseudoconf",
+                  oracle: bool = False) -> Adapted:
+    """SyMerge, the final paper's name for Model Tinting++: the same trainer, the same
+    numbers, with its default loss ``crosspseudoconf``."""
+    return tinting_merge(pretrained, experts, context, tint, sampler, lam_init, lr, epochs,
+                         batch_size, loss, oracle)

@@ -69,9 +69,11 @@ PARTS = ("evaluation", "adaptation", "merges")
 def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
     parts = _parts(cfg)
     architecture = build_encoder(cfg.encoder)
-    adaptive = {name: (method, _init_kwargs(method, cfg.get(name), architecture))
-                for name, method in registered().items()
-                if method.adaptive and "adaptation" in parts}  # checked first
+    adaptive, trainers = {}, set()  # every adaptive method's step, each trainer once
+    for name, method in registered().items():  # (symerge is Model Tinting's trainer)
+        if method.adaptive and "adaptation" in parts and method.trainer not in trainers:
+            trainers.add(method.trainer)  # checked first
+            adaptive[name] = (method, _init_kwargs(method, cfg.get(name), architecture))
     rows, peaks, evaluation, merges = [], {}, None, []
     device, precision, tasks = resolve_device(cfg.device), None, []
     if parts & {"evaluation", "adaptation"} or ("merges" in parts

@@ -42,13 +42,19 @@ class Workbench:
     cfg: DictConfig | None = None
 
     @classmethod
-    def load(cls, cfg: DictConfig, console: Console) -> Workbench:
+    def load(cls, cfg: DictConfig, console: Console,
+             checked_tasks: list[str] | None = None) -> Workbench:
+        """``checked_tasks``: the task names a recipe already read and checked against the
+        encoder's image size, so that neither is done twice. (The encoder is built here, after
+        the recipe seeded torch, whose generator its initialisation draws from, as always.)"""
         device = resolve_device(cfg.device)
         runtime = Runtime.create(device, cfg.encoder, cfg.get("precision", "auto"),
                                  *_eval_settings(cfg))
-        tasks = task_names(cfg.tasks)
         encoder = build_encoder(cfg.encoder)
-        check_image_size(encoder, cfg.tasks, cfg.encoder)
+        tasks = checked_tasks
+        if tasks is None:
+            tasks = task_names(cfg.tasks)
+            check_image_size(encoder, cfg.tasks, cfg.encoder)
         pool = load_pool(cfg, tasks, encoder, device, console)
         test = {t: load_split(cfg.tasks, cfg.encoder, t, "test", console) for t in tasks}
         with console.status(f"loading the {pool.kind} pool's checkpoints"):
@@ -143,8 +149,9 @@ class Workbench:
         if self.runtime.fits(sum(x.numel() for x in images.values())):
             images = {t: x.to(self.device) for t, x in images.items()}
         dtype = str(self.cfg.get("vectors_dtype", "fp32")) if self.cfg is not None else "fp32"
+        labels = {t: self.test_data[t].labels for t in self.tasks}  # for an oracle alone
         return AdaptationContext(self.encoder, self.heads, images, self.runtime, seed,
-                                 vectors_dtype=PRECISIONS[dtype])
+                                 vectors_dtype=PRECISIONS[dtype], labels=labels)
 
     def row(self, name: str, accuracy: dict[str, float], kind: str = "merged", **extra) -> dict:
         return {"name": name, "kind": kind, **extra, **summarize(accuracy, self.expert_accuracy)}

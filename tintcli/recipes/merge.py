@@ -74,7 +74,7 @@ def _label(method_cfg: DictConfig) -> str:
     return f"{method_cfg.name} {params}".strip()
 
 
-def check_run_config(cfg: DictConfig) -> None:
+def check_run_config(cfg: DictConfig) -> list[str]:
     """The run's own settings, before any work (the methods check theirs)."""
     if not (isinstance(cfg.seed, int) and not isinstance(cfg.seed, bool) and cfg.seed >= 0):
         raise TintError(f"seed={cfg.seed} must be a whole number >= 0")
@@ -97,13 +97,14 @@ def check_run_config(cfg: DictConfig) -> None:
                             f"{'>= 0' if key == 'workers' else '>= 1'}")
     if not isinstance((cfg.get("eval") or {}).get("validation", False), bool):
         raise TintError(f"eval.validation={cfg.eval.validation} must be true or false")
-    task_names(cfg.tasks)
+    tasks = task_names(cfg.tasks)
     if cfg.tasks.source == "hub" and cfg.pool.kind == "synth":
         raise TintError(f"tasks={cfg.tasks.name} holds real datasets, but pool=synth has only "
                         "tint's own synthetic experts\nPick a pool of real checkpoints with its "
                         "encoder: encoder=clip_vit_b32 pool=hf (FusionBench's, from the hub), "
                         "pool=task_vectors pool.path=<release folder>, or pool=local "
                         "pool.path=<folder>.")
+    return tasks
 
 
 class RowLog:
@@ -165,7 +166,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
     if resume and not cfg.overwrite and (done := finished_same(run_dir, cfg)) is not None:
         console.print(f"finished already with this config, skipped: {run_dir / RESULTS}")
         return done
-    check_run_config(cfg)
+    tasks = check_run_config(cfg)  # the task set's names, checked
     check_objective(cfg)
     runs = method_runs(cfg.method)
     architecture = build_encoder(cfg.encoder)  # no weights: what tint= may name, say
@@ -173,14 +174,14 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
     for _, _, method_cfg in runs:
         method = check_parameters(method_cfg.name, _params(method_cfg), architecture,
                                   _grid(method_cfg))
-        if len(task_names(cfg.tasks)) < method.min_tasks:
+        if len(tasks) < method.min_tasks:
             raise TintError(f"{method.pretty} needs at least {method.min_tasks} tasks; "
-                            f"tasks={cfg.tasks.name} has {len(task_names(cfg.tasks))}\n"
+                            f"tasks={cfg.tasks.name} has {len(tasks)}\n"
                             "Pick more tasks (tasks.names=[...]), or another method.")
     earlier = rows_to_resume(claim_run_dir(run_dir, cfg.overwrite, console), cfg)
     set_digest_mode(str(cfg.get("digests", "memo")))
     torch.manual_seed(cfg.seed)
-    bench = Workbench.load(cfg, console)
+    bench = Workbench.load(cfg, console, checked_tasks=tasks)
     title = (f"{cfg.tasks.name} · {cfg.encoder.name} · {len(bench.tasks)} tasks · "
              f"{bench.device.type} {bench.runtime.precision}")
     log = RowLog(run_dir / PARTIAL, {
@@ -279,6 +280,8 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
             method = get_method(method_cfg.name)  # parameters were checked before loading
             extra: dict[str, Any] = {"reference": {"pretty": method.pretty, "row": method.row(
                 params), "paper": method.paper, "code": method.code}}
+            if extra["reference"]["row"] == "oracle":  # learnt from true labels: never a result
+                label, extra["oracle"] = f"{label} (oracle: true labels)", True
             if method.adaptive:
                 context = context or bench.adaptation_context(cfg.seed)
                 def on_step(done, total, loss, lambdas, bar=bar, key=key) -> None:
