@@ -23,11 +23,11 @@ EMR has no parameters. The weight column is max|θ_tint − θ_FB| / max|θ_tint
 entry, at tint's chosen α (EMR: over the eight per-task models).
 
 Cost: one Δ per method and implementation (about a second), then one validation pass per
-grid point (about 3.5 s on one CPU thread). FusionBench's validation grid is only scored
+grid point (2-3.5 s on one CPU thread). FusionBench's validation grid is only scored
 where its merged weights differ from tint's by more than ``--tolerance`` (relative, as in
-the weight column; elsewhere tint's accuracy at that α is reused and the count is printed);
-``--full-grid`` scores every point of both grids (twice the time; about 12 minutes on one
-busy CPU thread).
+the weight column; elsewhere tint's accuracy at that α is reused and the count is printed):
+4 to 5.5 minutes on one busy CPU thread. ``--full-grid`` scores every point of both grids
+(about 8 minutes) and says at how many α any task's validation accuracy differs.
 
 Installing FusionBench (a heavy install: it is not a tint dependency and this script is not
 run in CI). Either ``pip install fusion-bench`` into tint's venv (pulls lightning,
@@ -168,7 +168,7 @@ class Side:
     alpha: float | None = None  # chosen on validation (None: nothing to choose)
     test: dict[str, float] = field(default_factory=dict)  # at the chosen α
     test_at_one: dict[str, float] = field(default_factory=dict)  # at α = 1.0
-    val: dict[float, float] = field(default_factory=dict)  # α -> validation average
+    val: dict[float, dict[str, float]] = field(default_factory=dict)  # α -> val accuracy
     scored: list[float] = field(default_factory=list)  # α scored on val (FusionBench: the
     # rest reuse tint's accuracy, the weights being equal to within --tolerance)
     delta_s: float = 0.0  # time to compute Δ (EMR: the merge)
@@ -215,8 +215,7 @@ def compare_alpha_method(bench, fb: SimpleNamespace, name: str, pretty: str,
     tint.grid_s = time.perf_counter() - start
     search = chosen.info["search"]
     tint.alpha = float(search["chosen"]["alpha"])
-    tint.val = {float(t["params"]["alpha"]): average(t["accuracy"]) for t in search["trials"]}
-    tint_val_accuracy = {float(t["params"]["alpha"]): t["accuracy"] for t in search["trials"]}
+    tint.val = {float(t["params"]["alpha"]): t["accuracy"] for t in search["trials"]}
     tint.scored = list(tint.val)
     tint.test = bench.score_merged(chosen, "test")
     tint.test_at_one = (tint.test if tint.alpha == 1.0 else
@@ -243,10 +242,10 @@ def compare_alpha_method(bench, fb: SimpleNamespace, name: str, pretty: str,
             accuracy = val(Merged(f"{name}-fusion_bench", state))
             side.scored.append(alpha)
         else:  # the weights agree to within the tolerance: tint's score at this α
-            accuracy = tint_val_accuracy[alpha]
-        side.val[alpha] = average(accuracy)
-        if best is None or side.val[alpha] > best:  # ties: the first, as tint's choose
-            side.alpha, best = alpha, side.val[alpha]
+            accuracy = tint.val[alpha]
+        side.val[alpha] = accuracy
+        if best is None or average(accuracy) > best:  # ties: the first, as tint's choose
+            side.alpha, best = alpha, average(accuracy)
         if (i + 1) % 10 == 0:
             log(f"{pretty} FusionBench val {i + 1}/{len(ALPHAS)} ({len(side.scored)} scored)")
     side.grid_s = time.perf_counter() - start
@@ -314,7 +313,7 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 def report(rows: list[Row], tasks: list[str]) -> str:
     main = markdown(
         ["method", "tint test avg (α)", "FusionBench test avg (α)", "tint @ α=1",
-         "FusionBench @ α=1", "max|θ_tint − θ_FB| / max|θ_tint|"],
+         "FusionBench @ α=1", "weights: max abs diff / max abs (tint's α)"],
         [[r.method, with_alpha(r.tint), with_alpha(r.fb), at_one(r.tint), at_one(r.fb),
           f"{r.weights:.1e}"] for r in rows])
     per_task = []
@@ -335,14 +334,17 @@ def details(rows: list[Row]) -> str:
         if r.delta is not None:
             scored = len(r.fb.scored)
             differ = [a for a in r.fb.scored if r.tint.val[a] != r.fb.val[a]]
-            best = max(r.tint.val.values())
+            where = f" ({', '.join(f'{a:g}' for a in differ)})" if differ else ""
+            agreement = (f"a task's val accuracy differs at {len(differ)} of the {scored} "
+                         f"scored α{where}" if scored else
+                         "weights within --tolerance at every α")
+            best = {impl: max(average(a) for a in side.val.values())
+                    for impl, side in (("tint", r.tint), ("fb", r.fb))}
             line += (f"; unscaled Δ differ by {r.delta:.1e} (relative); val grid "
                      f"tint {len(r.tint.scored)} points in {r.tint.grid_s:.0f} s, FusionBench "
                      f"{scored} scored + {len(r.fb.val) - scored} reused in "
-                     f"{r.fb.grid_s:.0f} s; val avg differs at {len(differ)} of the {scored} "
-                     "scored α"
-                     f"{' (' + ', '.join(f'{a:g}' for a in differ) + ')' if differ else ''}; "
-                     f"best val avg tint {pct(best)}, FusionBench {pct(max(r.fb.val.values()))}")
+                     f"{r.fb.grid_s:.0f} s; {agreement}; best val avg tint "
+                     f"{pct(best['tint'])}, FusionBench {pct(best['fb'])}")
         lines.append(line)
     return "\n".join(lines)
 
