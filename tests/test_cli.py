@@ -296,20 +296,18 @@ def test_bench_times_every_registered_data_free_merge_on_stand_in_shapes(run_tin
     data_free = {n for n, m in registered().items() if not m.adaptive}
     assert {m["method"] for m in payload["merges"]} == data_free
     assert all(m["merge_s"] > 0 and "synth_vit × 3" in m["where"] for m in payload["merges"])
-    bad = run_tint("bench", "parts=[speed]", f"hydra.run.dir={tmp_path / 'c'}")
-    assert bad.returncode == 2
-    assert _first_line(bad) == "error: parts=speed is not a part tint bench measures"
+    from omegaconf import OmegaConf
+
+    from tintcli.errors import TintError
+    from tintcli.recipes.bench import _parts
+
+    with pytest.raises(TintError, match="^parts=speed is not a part tint bench measures"):
+        _parts(OmegaConf.create({"parts": ["speed"]}))
 
 
-def test_a_true_label_oracle_is_refused_unless_asked_and_labelled_in_the_table(run_tint,
-                                                                             tmp_path):
-    """loss=crossgt learns from the test labels: refused before any work without
-    oracle=true; with it, its row says so and maps to no paper row."""
-    refused = run_tint("merge", *TINY, "method=symerge", "method.loss=crossgt",
-                       f"hydra.run.dir={tmp_path / 'no'}")
-    assert refused.returncode == 2
-    assert _first_line(refused).startswith("error: bad parameters for method 'symerge': "
-                                           "loss=crossgt learns from the test images' true")
+def test_a_true_label_oracle_row_is_labelled_as_one(run_tint, tmp_path):
+    """loss=crossgt learns from the test labels (refused without oracle=true: see
+    test_adaptation); with oracle=true its row says so and maps to no paper row."""
     out = run_tint("merge", *TINY, "method=symerge", "method.loss=crossgt", "method.oracle=true",
                    "method.epochs=1", f"hydra.run.dir={tmp_path / 'yes'}")
     assert out.returncode == 0, out.stderr
