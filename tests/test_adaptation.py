@@ -438,3 +438,49 @@ def test_symerge_is_model_tinting_pp_under_its_final_name_and_crossgt_needs_orac
     check_parameters("symerge", {"loss": "crossgt", "oracle": True})
     with pytest.raises(TintError, match="applies to loss=crosspseudo, not loss=selfentropy"):
         check_parameters("tinting", {"loss": "selfentropy", "sampler": "confidence"})
+
+
+def test_a_surgery_adapter_starts_as_the_identity_and_subtracts_its_correction():
+    """z' = z − W_up·ReLU(W_down·z) (PAPER.md), W_up zero at the start. Catches the
+    correction added instead of subtracted, a missing ReLU, or an adapter that does not start
+    as the identity."""
+    from tintcli.adaptation.surgery import SurgeryAdapter
+
+    z = T([[1.0, -2.0, 0.5]])
+    fresh = SurgeryAdapter(3, rank=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fresh(z), z) and fresh.down.weight.abs().sum() > 0
+    with torch.no_grad():
+        fresh.down.weight.copy_(T([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))  # ReLU: [1, 0]
+        fresh.up.weight.copy_(T([[2.0, 5.0], [0.0, 1.0], [1.0, 1.0]]))
+    assert torch.equal(fresh(z), z - T([[2.0, 0.0, 1.0]]))
+
+
+def test_surgery_keeps_the_given_lambdas_and_loads_back_with_the_same_accuracies(bench,
+                                                                                 tmp_path):
+    """λ from a finished AdaMerging's lambdas.safetensors stay as they are (only adapters
+    learn); each task is scored through its own adapter, and the saved run loads back to the
+    same accuracies. A file for other tasks is refused by name."""
+    from tintcli.adaptation.saved import load_adapted, save_adapted
+    from tintcli.adaptation.surgery import SurgeryHead
+    from tintcli.methods import check_parameters
+
+    ada = adapt("adamerging", bench.pretrained, bench.experts, bench.adaptation_context(0),
+                steps=2)
+    save_adapted(ada, tmp_path / "ada", "AdaMerging", merged=False)
+    lambdas = str(tmp_path / "ada" / "lambdas.safetensors")
+    adapted = adapt("surgery", bench.pretrained, bench.experts, bench.adaptation_context(0),
+                    lambdas=lambdas, epochs=3)
+    assert torch.equal(adapted.lambdas, ada.lambdas)
+    assert all(isinstance(adapted.heads[t], SurgeryHead) for t in adapted.tasks)
+    assert adapted.heads["digits"].adapter.up.weight.abs().sum() > 0  # it learned
+    save_adapted(adapted, tmp_path / "surgery", "Surgery")
+    loaded = load_adapted(tmp_path / "surgery", bench.heads)
+    assert bench.score_merged(loaded) == bench.score_merged(adapted)
+    with pytest.raises(TintError, match="lambdas=.* is no file"):
+        check_parameters("surgery", {"lambdas": str(tmp_path / "missing.safetensors")})
+    other = copy.deepcopy(ada)
+    other.tasks = ["a", "b", "c"]
+    save_adapted(other, tmp_path / "other", "AdaMerging", merged=False)
+    with pytest.raises(TintError, match=r"were learned for the tasks \['a', 'b', 'c'\]"):
+        adapt("surgery", bench.pretrained, bench.experts, bench.adaptation_context(0),
+              lambdas=str(tmp_path / "other" / "lambdas.safetensors"), epochs=1)

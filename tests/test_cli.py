@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import TINY
+from conftest import TINY, compose_config
 from safetensors.torch import load_file
 
 
@@ -241,7 +241,7 @@ def test_a_failing_method_keeps_the_rows_already_finished(tiny_cache, tmp_path, 
     assert not (run_dir / "results.json").exists()
 
 
-@pytest.mark.parametrize("override, message", [
+BAD_IN_A_TABLE = [
     ("method.methods.tinting.lr=nan", "bad parameters for method 'tinting': lr=nan must be a "
                                       "positive number"),
     ("method.methods.tinting.tint=blocks.9", "bad parameters for method 'tinting': "
@@ -251,17 +251,38 @@ def test_a_failing_method_keeps_the_rows_already_finished(tiny_cache, tmp_path, 
                                     "finite number"),
     ("method.methods.ties.top_k=150", "bad parameters for method 'ties': top_k=150 must be a "
                                       "percentage in [0, 100]"),
-])
-def test_a_bad_value_fails_before_any_work(run_tint, tmp_path, override, message):
+]
+
+
+def test_a_bad_value_fails_before_any_work(run_tint, tmp_path):
+    """End to end, once: the one line, no traceback, and in the run directory nothing but
+    Hydra's files, the lock and error.json (no results, no partial rows)."""
+    override, message = BAD_IN_A_TABLE[0]
     run_dir = tmp_path / "bad"
     out = run_tint("merge", *TINY, "method=all", override, f"hydra.run.dir={run_dir}")
     assert out.returncode == 2
     assert _first_line(out) == f"error: {message}"
     assert "Traceback" not in out.stderr
-    # Hydra's own files, the run lock and the error: no results, no partial rows
     assert {p.name for p in run_dir.iterdir()} == {".hydra", "merge.log", ".tint-run.lock",
                                                    "error.json"}
     assert json.loads((run_dir / "error.json").read_text())["error"] == message
+
+
+@pytest.mark.parametrize("override, message", BAD_IN_A_TABLE)
+def test_a_bad_value_of_any_method_in_a_table_fails_before_any_row(tmp_path, override,
+                                                                    message):
+    """In process, for each method of method=all: the whole table is checked first, so a
+    bad value of its last method fails before its first row."""
+    from rich.console import Console
+
+    from tintcli.errors import TintError
+    from tintcli.recipes import merge
+
+    cfg = compose_config(overrides=["method=all", "device=cpu", override])
+    with pytest.raises(TintError) as err:
+        merge.run(cfg, tmp_path / "bad", [], Console(quiet=True))
+    assert str(err.value).splitlines()[0] == message
+    assert not (tmp_path / "bad" / "results.partial.json").exists()
 
 
 def test_bench_times_both_adaptation_steps_on_their_real_batches(run_tint, tmp_path):
@@ -269,13 +290,13 @@ def test_bench_times_both_adaptation_steps_on_their_real_batches(run_tint, tmp_p
     assert out.returncode == 0, out.stderr
     payload = json.loads((tmp_path / "b" / "bench.json").read_text())
     results = payload["results"]
-    assert [r["step"].split()[0] for r in results] == ["AdaMerging", "Model"]
-    # AdaMerging's step takes a batch of every task, Tinting's one task's batch
-    assert [r["batch"] for r in results] == [3 * 32, 32]
+    assert [r["step"].split()[0] for r in results] == ["AdaMerging", "Surgery", "Model"]
+    # AdaMerging's step takes a batch of every task, Surgery's and Tinting's one task's batch
+    assert [r["batch"] for r in results] == [3 * 32, 16, 32]
     assert "ratio" in out.stdout
     # evaluation is timed over every task's whole test split, as a run scores it
     assert (payload["evaluation"]["tasks"], payload["evaluation"]["images"]) == (3, 3 * 48)
-    assert set(payload["peak_memory"]) == {"evaluation", "adamerging", "tinting"}
+    assert set(payload["peak_memory"]) == {"evaluation", "adamerging", "surgery", "tinting"}
     models = {(m["encoder"], m["tasks"], m["vectors_dtype"]): m["terms"]
               for m in payload["memory_models"]}  # the README's ViT-L/14 x 20 row
     assert models["clip_vit_l14", 20, "bf16"]["task vectors (20 x bf16)"] == \

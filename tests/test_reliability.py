@@ -463,7 +463,7 @@ def test_a_rerun_keeps_an_interrupted_runs_rows(cache, tmp_path):
 # ------------------------------------------ 6.-7. bad values: one line, before any work
 
 
-@pytest.mark.parametrize("override, message", [
+BAD_VALUES = [
     ("seed=abc", "seed=abc must be a whole number >= 0"),
     ("device=gpu", "device=gpu is not a device torch knows"),
     ("method=task_arithmetic method.lam=nan",
@@ -474,13 +474,32 @@ def test_a_rerun_keeps_an_interrupted_runs_rows(cache, tmp_path):
     ("tasks.seed=0.5", "tasks.seed=0.5 must be a whole number >= 0"),
     # a mandatory setting left unset (???): OmegaConf raised MissingMandatoryValue in the run
     ("pool=local", "pool.path is not set"),
-])
-def test_bad_values_fail_in_one_line_before_the_zoo_loads(cache, tmp_path, override, message):
-    code, _, err = finish(tint("merge", *TINY, *override.split(),
-                               f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path))
+]
+
+
+def test_a_bad_value_fails_in_one_line_before_the_zoo_loads(cache, tmp_path):
+    """End to end, once: status 2, the one error line, no traceback, nothing built."""
+    code, _, err = finish(tint("merge", *TINY, "seed=abc", f"hydra.run.dir={tmp_path / 'bad'}",
+                               cwd=tmp_path))
     assert code == 2
-    assert err.splitlines()[0] == f"error: {message}"
+    assert err.splitlines()[0] == "error: seed=abc must be a whole number >= 0"
     assert "Traceback" not in err
+    assert not (cache / "zoo").exists()  # nothing was built or loaded
+
+
+@pytest.mark.parametrize("override, message", BAD_VALUES)
+def test_each_bad_value_is_its_own_line_before_the_zoo_loads(cache, tmp_path, override,
+                                                             message):
+    """The same checks in process (what `tint merge` runs before any work, the line the CLI
+    prints after its 'error: '), for every kind of bad value."""
+    from tintcli.cli import check_settings_set
+    from tintcli.recipes import merge
+
+    cfg = compose_config(overrides=override.split())
+    with pytest.raises(TintError) as err:
+        check_settings_set(cfg)
+        merge.run(cfg, tmp_path / "bad", [], Console(quiet=True))
+    assert str(err.value).splitlines()[0] == message
     assert not (cache / "zoo").exists()  # nothing was built or loaded
 
 

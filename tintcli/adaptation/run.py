@@ -86,7 +86,6 @@ class AdaptationContext:
     def head(self, task: str) -> nn.Module:
         return self.heads[task].to(self.device).eval().requires_grad_(False)
 
-    @torch.no_grad()  # not inference_mode: these become targets inside autograd graphs
     def expert_logits(self, experts: Mapping[str, StateDict]) -> dict[str, torch.Tensor]:
         """Each expert's logits on its task's adaptation images, on the device: computed on
         first use and reused for the rest of the run, by every method that needs them."""
@@ -97,6 +96,7 @@ class AdaptationContext:
         images, computed once as the logits are (Surgery's and ``l1feature``'s target)."""
         return self._expert_outputs_of(experts, "features")
 
+    @torch.no_grad()  # not inference_mode: these become targets inside autograd graphs
     def _expert_outputs_of(self, experts: Mapping[str, StateDict], kind: str
                            ) -> dict[str, torch.Tensor]:
         outputs = self._expert_outputs.setdefault(kind, {})
@@ -106,7 +106,7 @@ class AdaptationContext:
             encoder.load_state_dict(encoder_entries(experts[task]))
             head, out = self.head(task), []
             for inputs in self.runtime.batches(self.images[task]):
-                with torch.no_grad(), self.runtime.autocast():  # fixed targets, no graph
+                with self.runtime.autocast():
                     features = encoder(inputs)
                     out.append((head(features) if kind == "logits" else features).float())
             outputs[task] = torch.cat(out)

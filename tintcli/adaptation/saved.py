@@ -2,7 +2,8 @@
 
 ``merged.safetensors`` holds the merged encoder at the learned lambda; ``lambdas.safetensors``
 the lambdas with their layer and task names; ``tints.safetensors`` each task's tinted entries
-(``<task>.<key>``: the head's weight and bias, or the tinted encoder module's). Loading gives
+(``<task>.<key>``: the head's weight and bias, Surgery's adapter with its head, or the tinted
+encoder module's). Loading gives
 an ``Adapted`` that scores exactly as the one that was saved.
 """
 
@@ -16,11 +17,15 @@ from safetensors import safe_open
 from torch import nn
 
 from tintcli.adaptation import Adapted
+from tintcli.adaptation.surgery import SurgeryHead
 from tintcli.errors import TintError
 from tintcli.heads import ZeroShotHead
 from tintcli.io import StateDict, load_state_dict, save_state_dict
 from tintcli.plots import lambda_heatmap
 
+# what was tinted -> how a task's saved head is rebuilt (tinted heads; Surgery's adapter on
+# the features, saved with the zero-shot head it feeds)
+HEAD_KINDS = {"head": ZeroShotHead.from_state_dict, "adapter": SurgeryHead.from_state_dict}
 MERGED, LAMBDAS, TINTS, HEATMAP = ("merged.safetensors", "lambdas.safetensors",
                                    "tints.safetensors", "lambdas.png")
 
@@ -39,7 +44,7 @@ def save_adapted(adapted: Adapted, folder: Path, label: str,
                      "method_name": adapted.method})
     if adapted.tinted is not None:
         per_task = ({t: head.state_dict() for t, head in adapted.heads.items()}
-                    if adapted.tinted == "head" else adapted.tints)
+                    if adapted.tinted in HEAD_KINDS else adapted.tints)
         tints = {f"{t}.{k}": v for t, entries in per_task.items() for k, v in entries.items()}
         files["tints"] = folder / TINTS
         save_state_dict(tints, files["tints"], {**meta, "tinted": adapted.tinted})
@@ -64,8 +69,8 @@ def load_adapted(folder: Path, heads: Mapping[str, nn.Module]) -> Adapted:
         saved = load_state_dict(folder / TINTS, f"the tints in {folder}")
         per_task = {t: {k[len(t) + 1:]: v for k, v in saved.items() if k.startswith(f"{t}.")}
                     for t in tasks}
-        if tinted == "head":
-            out_heads = {t: ZeroShotHead.from_state_dict(per_task[t]) for t in tasks}
+        if tinted in HEAD_KINDS:
+            out_heads = {t: HEAD_KINDS[tinted](per_task[t]) for t in tasks}
         else:
             tints = per_task
     lambdas = load_state_dict(folder / LAMBDAS, f"the lambdas in {folder}")["lambdas"]

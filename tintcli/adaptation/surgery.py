@@ -1,0 +1,260 @@
+"""Representation Surgery with AdaMerging (Yang et al., ICML 2024; PAPER.md, "The comparison
+methods"): the layer-wise AdaMerging encoder, frozen, and per task an adapter on its final
+feature z that removes the "representation bias" against that task's expert:
+
+    z' = z - W_up · ReLU(W_down · z),   W_down: d -> rank (Kaiming-uniform, as nn.Linear),
+                                         W_up: rank -> d (zero: z' = z at the start), no bias,
+
+trained with L1(z', the expert encoder's feature of the same image) on the task's unlabeled
+test images; Adam, lr 1e-3, batches of 16. Task t is scored with its zero-shot head on z'
+(``SurgeryHead``): the outcome is a ``Merged`` with one shared encoder and a head per task, so
+evaluation, saving and ``tint table`` need nothing new.
+
+λ: learned first in the same run by AdaMerging (layer-wise, its own defaults), or taken from a
+finished AdaMerging run's ``lambdas.safetensors`` (``lambdas=<path>``) so that a sweep does not
+relearn them. Schedules (two presets): the authors' (``main_AdaMerging_with_surgery.py``: 500
+iterations over the tasks in a fixed order, two steps per task each: ``steps_per_task=2``,
+``shuffle=false``) and SyMerge's longer re-run (1,000 epochs of one step per task, tasks
+shuffled each epoch). Either way the encoder is frozen, so its features on the adaptation
+images are computed once, like the experts' (the authors recompute them every step: the same
+numbers, at the cost of a forward per step).
+
+Reference: https://github.com/EnnengYang/RepresentationSurgery (``src/merging_model.py``,
+``main_AdaMerging_with_surgery.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+from torch.func import functional_call
+
+from tintcli.adaptation.run import (
+    AdaptationContext,
+    AdaptationRun,
+    Adapted,
+    check_common,
+    check_finite,
+)
+from tintcli.checks import whole
+from tintcli.errors import TintError
+from tintcli.io import StateDict, encoder_entries, load_state_dict
+from tintcli.methods import register
+
+
+class SurgeryAdapter(nn.Module):
+    """z - up(ReLU(down(z))): the identity at the start (``up`` is zero)."""
+
+    def __init__(self, dim: int, rank: int = 16, generator: torch.Generator | None = None):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Linear(rank, dim, bias=False)
+        with torch.no_grad():  # nn.Linear's own initialisation, drawn from the run's generator
+            nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5), generator=generator)
+            self.up.weight.zero_()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z - self.up(F.relu(self.down(z)))
+
+
+class SurgeryHead(nn.Module):
+    """A task's head on its surgically corrected features: how evaluation runs task t."""
+
+    def __init__(self, adapter: SurgeryAdapter, head: nn.Module):
+        super().__init__()
+        self.adapter, self.head = adapter, head
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.head(self.adapter(z))
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> SurgeryHead:
+        from tintcli.heads import ZeroShotHead
+
+        rank, dim = state["adapter.down.weight"].shape
+        head = cls(SurgeryAdapter(dim, rank), ZeroShotHead.from_state_dict(
+            {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}))
+        head.adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items()
+                                      if k.startswith("adapter.")})
+        return head.requires_grad_(False)
+
+
+def check_surgery(params: Mapping[str, object], encoder: nn.Module | None) -> None:
+    check_common(params)
+    for key in ("rank", "epochs", "steps_per_task"):
+        whole(params, key)
+    if params.get("shuffle") not in (None, True, False):
+        raise ValueError(f"shuffle={params['shuffle']} must be true or false")
+    if params.get("lambdas") is not None:
+        saved_lambdas(str(params["lambdas"]))  # readable, with its layer and task names
+
+
+def saved_lambdas(path: str) -> tuple[torch.Tensor, list[str], list[str]]:
+    """λ [layers, tasks] from a finished AdaMerging run's ``lambdas.safetensors``, with the
+    layer and task names it was learned for."""
+    if not Path(path).is_file():
+        raise ValueError(f"lambdas={path} is no file\nPass the lambdas.safetensors of a "
+                         "finished layer-wise AdaMerging run (adapted/<method>/ in its run "
+                         "directory), or leave lambdas unset to learn them in this run.")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        layers, tasks = json.loads(meta["layers"]), json.loads(meta["tasks"])
+        values = load_state_dict(Path(path), f"lambdas={path}")["lambdas"]
+    except (KeyError, ValueError, OSError, TintError) as err:
+        raise ValueError(f"lambdas={path} is not a lambdas.safetensors tint wrote ({err})"
+                         ) from err
+    if tuple(values.shape) != (len(layers), len(tasks)):
+        raise ValueError(f"lambdas={path} holds λ of shape {tuple(values.shape)} for "
+                         f"{len(layers)} layers and {len(tasks)} tasks")
+    return values, layers, tasks
+
+
+class Surgery(AdaptationRun):
+    """One Surgery run: λ fixed, one adapter per task and their optimiser."""
+
+    name = "surgery"
+
+    def __init__(self, pretrained: StateDict, experts: Mapping[str, StateDict],
+                 context: AdaptationContext, lambda_values: torch.Tensor | None = None,
+                 rank: int = 16, lr: float = 1e-3, batch_size: int = 16,
+                 steps_per_task: int = 2, shuffle: bool = False):
+        pretrained, vectors = context.task_vectors(pretrained, experts)
+        super().__init__(context, pretrained, vectors, "layer", 0.3, batch_size)
+        lambdas = lambda_values  # (None: task arithmetic at 0.3, for tint bench alone)
+        if lambdas is not None:
+            if tuple(lambdas.shape) != tuple(self.merger.raw.shape):
+                raise TintError(f"Surgery: the given λ are {tuple(lambdas.shape)} [layers, "
+                                f"tasks]; this encoder and task set need "
+                                f"{tuple(self.merger.raw.shape)}")
+            with torch.no_grad():
+                self.merger.raw.copy_(lambdas)
+        self.merger.requires_grad_(False)
+        self.steps_per_task, self.shuffle = steps_per_task, shuffle
+        with torch.no_grad():
+            self.merged_state = encoder_entries(self.merger())
+            self.features = self._features()  # the frozen encoder's, once per run
+        self.targets = context.expert_features(experts)
+        dim = next(iter(self.features.values())).shape[1]
+        self.adapters = nn.ModuleDict({t: SurgeryAdapter(dim, rank, self.generator)
+                                       for t in self.tasks}).to(context.device)
+        self.optimizer = torch.optim.Adam(self.adapters.parameters(), lr=lr,
+                                          betas=(0.9, 0.999))
+        self.epoch: list[str] = []
+        self.epoch_losses: list[float] = []
+
+    def _features(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for task in self.tasks:
+            parts = []
+            for inputs in self.context.runtime.batches(self.context.images[task]):
+                with self.autocast():
+                    parts.append(functional_call(self.encoder, self.merged_state,
+                                                 (inputs,)).float())
+            out[task] = torch.cat(parts)
+        return out
+
+    def epoch_order(self) -> list[str]:
+        tasks = self.tasks
+        if self.shuffle:
+            tasks = [tasks[i] for i in torch.randperm(len(tasks), generator=self.generator)]
+        return [t for t in tasks for _ in range(self.steps_per_task)]
+
+    def advance(self) -> float | None:
+        if not self.epoch:
+            self.epoch, self.epoch_losses = self.epoch_order(), []
+        self.epoch_losses.append(self.step(self.epoch[len(self.epoch_losses)]))
+        if len(self.epoch_losses) < len(self.epoch):
+            return None
+        self.curve.append(sum(self.epoch_losses) / len(self.epoch_losses))
+        self.epoch = []
+        return self.curve[-1]
+
+    def next_batch(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
+        index = self.next_index(task).to(self.features[task].device)
+        return self.features[task][index], self.targets[task][index]
+
+    def step(self, task: str, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+        """One step on one task's batch: its adapter on the frozen features, L1 to the
+        expert's features."""
+        features, targets = self.next_batch(task) if batch is None else batch
+        with self.autocast():
+            corrected = self.adapters[task](features)
+        loss = F.l1_loss(corrected.float(), targets)
+        check_finite(loss, self.name, self.steps_done + 1, task)
+        self.steps_done += 1
+        self.optimizer.zero_grad()
+        self.scaler.scale(loss).backward()
+        self.optimizer_step(self.optimizer)
+        return loss.item()
+
+    def trained(self) -> dict[str, nn.Module]:
+        return {"adapters": self.adapters}
+
+    def progress(self) -> dict[str, Any]:
+        return {**super().progress(), "epoch": list(self.epoch),
+                "epoch_losses": list(self.epoch_losses)}
+
+    def load_progress(self, progress: Mapping[str, Any]) -> None:
+        super().load_progress(progress)
+        self.epoch, self.epoch_losses = list(progress["epoch"]), list(progress["epoch_losses"])
+
+    def benchmark(self, plain: nn.Module) -> tuple[str, int, Callable, Callable]:
+        """What ``tint bench`` times: one adapter step (the encoder is frozen and its
+        features cached), against a plain forward+backward of the encoder on the images."""
+        task = self.tasks[0]
+        index = self.next_index(task)
+        batch = self.next_batch(task)
+        images = self.images(task, index)
+
+        def plain_step() -> None:
+            F.l1_loss(plain(images).float(), batch[1]).backward()
+
+        return (f"Surgery step (one task: {task})", len(index),
+                lambda: self.step(task, batch), plain_step)
+
+    def result(self) -> Adapted:
+        heads = {t: copy.deepcopy(SurgeryHead(self.adapters[t], self.context.head(t))).cpu()
+                 .requires_grad_(False) for t in self.tasks}
+        return self.adapted(heads, {}, {"unit": "epoch (mean over tasks)", "loss": self.curve},
+                            "adapter")
+
+
+@register("surgery", adaptive=True, check=check_surgery, pretty="Surgery w/ AdaMerging",
+          paper="https://arxiv.org/abs/2402.02705",
+          code="https://github.com/EnnengYang/RepresentationSurgery", trainer=Surgery)
+def surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
+                  context: AdaptationContext, lambdas: str | None = None, rank: int = 16,
+                  lr: float = 1e-3, epochs: int = 500, steps_per_task: int = 2,
+                  shuffle: bool = False, batch_size: int = 16) -> Adapted:
+    """``lambdas``: a finished AdaMerging run's ``lambdas.safetensors`` (unset: learned here
+    first by layer-wise AdaMerging with its defaults); ``rank`` of each adapter; Adam at
+    ``lr``; ``epochs`` over the tasks, ``steps_per_task`` steps on each, in a fixed order or
+    ``shuffle``d each epoch; ``batch_size`` images a step."""
+    if lambdas is None:  # layer-wise AdaMerging first, checkpointed in a folder of its own
+        from tintcli.adaptation.adamerging import adamerging_merge
+
+        inner = dataclasses.replace(context, checkpoint_dir=None if context.checkpoint_dir is None
+                                    else context.checkpoint_dir / "adamerging")
+        values = adamerging_merge(pretrained, experts, inner).lambdas
+    else:
+        values, layers, tasks = saved_lambdas(lambdas)
+        if tasks != context.tasks:
+            raise TintError(f"lambdas={lambdas} were learned for the tasks {tasks}; this run "
+                            f"has {context.tasks}")
+    run = Surgery(pretrained, experts, context, values, rank, lr, batch_size, steps_per_task,
+                  shuffle)
+    run.train(epochs * len(run.tasks) * steps_per_task,
+              {"lambdas": lambdas, "rank": rank, "lr": lr, "epochs": epochs,
+               "steps_per_task": steps_per_task, "shuffle": shuffle, "batch_size": batch_size})
+    return run.result()
