@@ -24,12 +24,13 @@ from tintcli.adaptation.run import (
     AdaptationRun,
     Adapted,
     BatchStream,
+    EpochRun,
     StepCallback,
     check_common,
     check_finite,
 )
 from tintcli.adaptation.samplers import SAMPLERS, pseudo_label_loss
 
-__all__ = ["AdaptationContext", "AdaptationRun", "Adapted", "BatchStream", "Checkpoint",
+__all__ = ["AdaptationContext", "AdaptationRun", "Adapted", "BatchStream", "Checkpoint", "EpochRun",
            "LambdaMerger", "SAMPLERS", "StepCallback", "check_finite", "check_common",
            "pseudo_label_loss"]

@@ -304,3 +304,41 @@ class AdaptationRun:
             state = {k: v.detach().cpu() for k, v in self.merger().items()}
         return Adapted(self.name, state, dict(heads), tints, self.merger.lambdas().detach().cpu(),
                        self.merger.layer_names, self.tasks, loss_curve, tinted)
+
+
+class EpochRun(AdaptationRun):
+    """A run in epochs of one step per task entry of ``epoch_order()`` (Model Tinting: the
+    tasks shuffled; Surgery: its schedule): ``advance`` takes the epoch's next step, and an
+    epoch's last step adds the epoch's mean loss to the curve. Subclasses define
+    ``epoch_order`` and ``step(task)``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch: list[str] = []          # this epoch's order of tasks (empty between epochs)
+        self.epoch_losses: list[float] = []  # its steps' losses so far
+
+    def epoch_order(self) -> list[str]:
+        raise NotImplementedError
+
+    def step(self, task: str) -> float:
+        raise NotImplementedError
+
+    def advance(self) -> float | None:
+        """The epoch's next task's step (an epoch's order is drawn at its start); an epoch's
+        last step adds the epoch's mean loss to the curve, and returns it."""
+        if not self.epoch:
+            self.epoch, self.epoch_losses = self.epoch_order(), []
+        self.epoch_losses.append(self.step(self.epoch[len(self.epoch_losses)]))
+        if len(self.epoch_losses) < len(self.epoch):
+            return None
+        self.curve.append(sum(self.epoch_losses) / len(self.epoch_losses))
+        self.epoch = []
+        return self.curve[-1]
+
+    def progress(self) -> dict[str, Any]:
+        return {**super().progress(), "epoch": list(self.epoch),
+                "epoch_losses": list(self.epoch_losses)}
+
+    def load_progress(self, progress: Mapping[str, Any]) -> None:
+        super().load_progress(progress)
+        self.epoch, self.epoch_losses = list(progress["epoch"]), list(progress["epoch_losses"])

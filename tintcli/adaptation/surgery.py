@@ -31,7 +31,6 @@ import json
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +40,8 @@ from torch.func import functional_call
 
 from tintcli.adaptation.run import (
     AdaptationContext,
-    AdaptationRun,
     Adapted,
+    EpochRun,
     check_common,
     check_finite,
 )
@@ -120,7 +119,7 @@ def saved_lambdas(path: str) -> tuple[torch.Tensor, list[str], list[str]]:
     return values, layers, tasks
 
 
-class Surgery(AdaptationRun):
+class Surgery(EpochRun):
     """One Surgery run: λ fixed, one adapter per task and their optimiser."""
 
     name = "surgery"
@@ -150,8 +149,6 @@ class Surgery(AdaptationRun):
                                        for t in self.tasks}).to(context.device)
         self.optimizer = torch.optim.Adam(self.adapters.parameters(), lr=lr,
                                           betas=(0.9, 0.999))
-        self.epoch: list[str] = []
-        self.epoch_losses: list[float] = []
 
     def _features(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -169,16 +166,6 @@ class Surgery(AdaptationRun):
         if self.shuffle:
             tasks = [tasks[i] for i in torch.randperm(len(tasks), generator=self.generator)]
         return [t for t in tasks for _ in range(self.steps_per_task)]
-
-    def advance(self) -> float | None:
-        if not self.epoch:
-            self.epoch, self.epoch_losses = self.epoch_order(), []
-        self.epoch_losses.append(self.step(self.epoch[len(self.epoch_losses)]))
-        if len(self.epoch_losses) < len(self.epoch):
-            return None
-        self.curve.append(sum(self.epoch_losses) / len(self.epoch_losses))
-        self.epoch = []
-        return self.curve[-1]
 
     def next_batch(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
         index = self.next_index(task).to(self.features[task].device)
@@ -200,14 +187,6 @@ class Surgery(AdaptationRun):
 
     def trained(self) -> dict[str, nn.Module]:
         return {"adapters": self.adapters}
-
-    def progress(self) -> dict[str, Any]:
-        return {**super().progress(), "epoch": list(self.epoch),
-                "epoch_losses": list(self.epoch_losses)}
-
-    def load_progress(self, progress: Mapping[str, Any]) -> None:
-        super().load_progress(progress)
-        self.epoch, self.epoch_losses = list(progress["epoch"]), list(progress["epoch_losses"])
 
     def benchmark(self, plain: nn.Module) -> tuple[str, int, Callable, Callable]:
         """What ``tint bench`` times: one adapter step (the encoder is frozen and its

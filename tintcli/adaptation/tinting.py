@@ -29,8 +29,8 @@ from torch.func import functional_call
 from tintcli.adaptation import (
     SAMPLERS,
     AdaptationContext,
-    AdaptationRun,
     Adapted,
+    EpochRun,
     check_common,
     check_finite,
 )
@@ -81,7 +81,7 @@ def check_tinting(params: Mapping[str, object], encoder: nn.Module | None) -> No
         tinted_keys(encoder, str(params["tint"]))
 
 
-class Tinting(AdaptationRun):
+class Tinting(EpochRun):
     """One Model Tinting run: layer-wise lambda, the tinted layers and their optimiser."""
 
     name = "tinting"
@@ -115,8 +115,6 @@ class Tinting(AdaptationRun):
         self.targets = (context.expert_logits(experts) if what == "logits" else
                         context.expert_features(experts) if what == "features" else
                         _labels(context) if what == "labels" else None)
-        self.epoch: list[str] = []          # this epoch's order of tasks (empty between epochs)
-        self.epoch_losses: list[float] = []  # its steps' losses so far
 
     def _tinted(self, merged: StateDict, task: str) -> StateDict:
         """The task's own entries: merged weights plus its offsets (none when tinting heads)."""
@@ -127,29 +125,9 @@ class Tinting(AdaptationRun):
         order = torch.randperm(len(self.tasks), generator=self.generator)
         return [self.tasks[i] for i in order]
 
-    def advance(self) -> float | None:
-        """The epoch's next task's step (an epoch's order is drawn at its start); an epoch's
-        last step adds the epoch's mean loss to the curve, and returns it."""
-        if not self.epoch:
-            self.epoch, self.epoch_losses = self.epoch_order(), []
-        self.epoch_losses.append(self.step(self.epoch[len(self.epoch_losses)]))
-        if len(self.epoch_losses) < len(self.epoch):
-            return None
-        self.curve.append(sum(self.epoch_losses) / len(self.epoch_losses))
-        self.epoch = []
-        return self.curve[-1]
-
     def trained(self) -> dict[str, nn.Module]:
         tinted = {"heads": self.heads} if self.tint == "head" else {"offsets": self.offsets}
         return {**super().trained(), **tinted}
-
-    def progress(self) -> dict[str, Any]:
-        return {**super().progress(), "epoch": list(self.epoch),
-                "epoch_losses": list(self.epoch_losses)}
-
-    def load_progress(self, progress: Mapping[str, Any]) -> None:
-        super().load_progress(progress)
-        self.epoch, self.epoch_losses = list(progress["epoch"]), list(progress["epoch_losses"])
 
     def next_batch(self, task: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         index = self.next_index(task)
