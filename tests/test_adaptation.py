@@ -484,3 +484,47 @@ def test_surgery_keeps_the_given_lambdas_and_loads_back_with_the_same_accuracies
     with pytest.raises(TintError, match=r"were learned for the tasks \['a', 'b', 'c'\]"):
         adapt("surgery", bench.pretrained, bench.experts, bench.adaptation_context(0),
               lambdas=str(tmp_path / "other" / "lambdas.safetensors"), epochs=1)
+
+
+def test_prob_surgery_samples_the_correction_adds_its_kl_and_evaluates_with_the_mean(bench):
+    """ProbSurgery (PAPER.md): training sees z − (μ + ε·σ) with σ = exp(log σ² / 2), the loss
+    is L1 + kl_weight·KL(N(μ, σ²) ‖ N(0, I)), evaluation z − μ. Catches σ taken as the
+    variance, the KL's sign or weight, or evaluation with a sample instead of the mean."""
+    from tintcli.adaptation.surgery import ProbSurgeryAdapter, Surgery, SurgeryHead
+
+    z = T([[1.0, -2.0, 0.5]])
+    adapter = ProbSurgeryAdapter(3, hidden=2, generator=torch.Generator().manual_seed(0))
+    adapter.requires_grad_(False)
+    fresh, kl = adapter.train_forward(z, torch.Generator().manual_seed(1))
+    assert torch.equal(adapter(z), z) and float(kl) == 0.0  # μ = 0, log σ² = 0 at the start
+    assert torch.equal(fresh, z - torch.randn(1, 3, generator=torch.Generator().manual_seed(1)))
+    with torch.no_grad():
+        adapter.up.weight.copy_(T([[1.0, 0.0, 0.0], [0.0, 0.0, 2.0]]))  # h = [1, 1]
+        adapter.mean.weight.copy_(T([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))  # μ = [1, 1, 2]
+        adapter.log_var.weight.copy_(T([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]]))  # [0, 1, 1]
+    mu, log_var = T([1.0, 1.0, 2.0]), T([0.0, 1.0, 1.0])
+    assert torch.allclose(adapter(z), z - mu)
+    sampled, kl = adapter.train_forward(z, torch.Generator().manual_seed(1))
+    eps = torch.randn(1, 3, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(sampled, z - (mu + eps * (0.5 * log_var).exp()))
+    assert float(kl) == pytest.approx(float(-0.5 * (1 + log_var - mu ** 2 - log_var.exp()).sum()))
+
+    context = bench.adaptation_context(seed=0)
+    run = Surgery(bench.pretrained, bench.experts, context, hidden=4, kl_weight=0.5)
+    task = "digits"
+    with torch.no_grad():
+        for weight in (run.adapters[task].mean.weight, run.adapters[task].log_var.weight):
+            weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(2))
+    features, targets = run.features[task][:16], run.targets[task][:16]
+    replay = torch.Generator()
+    replay.set_state(run.generator.get_state())
+    with torch.no_grad():
+        corrected, kl = run.adapters[task].train_forward(features, replay)
+    expected = torch.nn.functional.l1_loss(corrected, targets) + 0.5 * kl
+    assert float(kl) > 0.01
+    assert run.step(task, (features, targets)) == pytest.approx(float(expected), rel=1e-5)
+    # saved as a head, it comes back as ProbSurgery's adapter (evaluating with the mean)
+    head = run.result().heads[task]
+    back = SurgeryHead.from_state_dict(head.state_dict())
+    assert isinstance(back.adapter, ProbSurgeryAdapter)
+    assert torch.equal(back(features.cpu()), head(features.cpu()))

@@ -20,7 +20,8 @@ images are computed once, like the experts' (the authors recompute them every st
 numbers, at the cost of a forward per step).
 
 Reference: https://github.com/EnnengYang/RepresentationSurgery (``src/merging_model.py``,
-``main_AdaMerging_with_surgery.py``).
+``main_AdaMerging_with_surgery.py``). ProbSurgery (``prob_surgery``, 1998v7/ProbSurgery,
+ICML 2025) is the same run with a stochastic adapter (``ProbSurgeryAdapter``) and a KL term.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from tintcli.adaptation.run import (
     check_common,
     check_finite,
 )
-from tintcli.checks import whole
+from tintcli.checks import number, whole
 from tintcli.errors import TintError
 from tintcli.io import StateDict, encoder_entries, load_state_dict
 from tintcli.methods import register
@@ -65,11 +66,44 @@ class SurgeryAdapter(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return z - self.up(F.relu(self.down(z)))
 
+    def train_forward(self, z: torch.Tensor, generator: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """What a training step sees: the corrected features and a penalty (none)."""
+        return self(z), 0.0
+
+
+class ProbSurgeryAdapter(nn.Module):
+    """ProbSurgery's stochastic correction (1998v7/ProbSurgery, ``src_ours/merging_model.py``):
+    h = ReLU(W1·z) (d -> hidden, Kaiming-uniform), μ = Wμ·h, log σ² = Wσ·h (both zero at the
+    start, no bias). Training sees z − (μ + ε·σ) and the KL of N(μ, σ²) to N(0, I) (mean over
+    the batch of its sum over features); evaluation sees z − μ."""
+
+    def __init__(self, dim: int, hidden: int = 128, generator: torch.Generator | None = None):
+        super().__init__()
+        self.up = nn.Linear(dim, hidden, bias=False)
+        self.mean = nn.Linear(hidden, dim, bias=False)
+        self.log_var = nn.Linear(hidden, dim, bias=False)
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.up.weight, a=math.sqrt(5), generator=generator)
+            self.mean.weight.zero_()
+            self.log_var.weight.zero_()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z - self.mean(F.relu(self.up(z)))
+
+    def train_forward(self, z: torch.Tensor, generator: torch.Generator
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.up(z))
+        mu, log_var = self.mean(h), self.log_var(h)
+        eps = torch.randn(mu.shape, generator=generator).to(mu.device, mu.dtype)
+        kl = (-0.5 * (1 + log_var - mu ** 2 - log_var.exp()).sum(1)).mean()
+        return z - (mu + eps * (0.5 * log_var).exp()), kl
+
 
 class SurgeryHead(nn.Module):
     """A task's head on its surgically corrected features: how evaluation runs task t."""
 
-    def __init__(self, adapter: SurgeryAdapter, head: nn.Module):
+    def __init__(self, adapter: nn.Module, head: nn.Module):
         super().__init__()
         self.adapter, self.head = adapter, head
 
@@ -80,8 +114,13 @@ class SurgeryHead(nn.Module):
     def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> SurgeryHead:
         from tintcli.heads import ZeroShotHead
 
-        rank, dim = state["adapter.down.weight"].shape
-        head = cls(SurgeryAdapter(dim, rank), ZeroShotHead.from_state_dict(
+        if "adapter.mean.weight" in state:  # ProbSurgery's
+            hidden, dim = state["adapter.up.weight"].shape
+            adapter: nn.Module = ProbSurgeryAdapter(dim, hidden)
+        else:
+            rank, dim = state["adapter.down.weight"].shape
+            adapter = SurgeryAdapter(dim, rank)
+        head = cls(adapter, ZeroShotHead.from_state_dict(
             {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}))
         head.adapter.load_state_dict({k[len("adapter."):]: v for k, v in state.items()
                                       if k.startswith("adapter.")})
@@ -90,8 +129,9 @@ class SurgeryHead(nn.Module):
 
 def check_surgery(params: Mapping[str, object], encoder: nn.Module | None) -> None:
     check_common(params)
-    for key in ("rank", "epochs", "steps_per_task"):
+    for key in ("rank", "hidden", "epochs", "steps_per_task"):
         whole(params, key)
+    number(params, "kl_weight", 0, None, must="a finite number >= 0")
     if params.get("shuffle") not in (None, True, False):
         raise ValueError(f"shuffle={params['shuffle']} must be true or false")
     if params.get("lambdas") is not None:
@@ -127,7 +167,8 @@ class Surgery(EpochRun):
     def __init__(self, pretrained: StateDict, experts: Mapping[str, StateDict],
                  context: AdaptationContext, lambda_values: torch.Tensor | None = None,
                  rank: int = 16, lr: float = 1e-3, batch_size: int = 16,
-                 steps_per_task: int = 2, shuffle: bool = False):
+                 steps_per_task: int = 2, shuffle: bool = False, hidden: int | None = None,
+                 kl_weight: float = 0.0):
         pretrained, vectors = context.task_vectors(pretrained, experts)
         super().__init__(context, pretrained, vectors, "layer", 0.3, batch_size)
         lambdas = lambda_values  # (None: task arithmetic at 0.3, for tint bench alone)
@@ -145,7 +186,11 @@ class Surgery(EpochRun):
             self.features = self._features()  # the frozen encoder's, once per run
         self.targets = context.expert_features(experts)
         dim = next(iter(self.features.values())).shape[1]
+        # Surgery's adapters, or ProbSurgery's (``hidden`` set) with their KL term's weight
+        self.kl_weight = kl_weight
         self.adapters = nn.ModuleDict({t: SurgeryAdapter(dim, rank, self.generator)
+                                       if hidden is None else
+                                       ProbSurgeryAdapter(dim, hidden, self.generator)
                                        for t in self.tasks}).to(context.device)
         self.optimizer = torch.optim.Adam(self.adapters.parameters(), lr=lr,
                                           betas=(0.9, 0.999))
@@ -176,8 +221,8 @@ class Surgery(EpochRun):
         expert's features."""
         features, targets = self.next_batch(task) if batch is None else batch
         with self.autocast():
-            corrected = self.adapters[task](features)
-        loss = F.l1_loss(corrected.float(), targets)
+            corrected, penalty = self.adapters[task].train_forward(features, self.generator)
+        loss = F.l1_loss(corrected.float(), targets) + self.kl_weight * penalty
         check_finite(loss, self.name, self.steps_done + 1, task)
         self.steps_done += 1
         self.optimizer.zero_grad()
@@ -209,6 +254,23 @@ class Surgery(EpochRun):
                             "adapter")
 
 
+def _adamerging_lambdas(pretrained: StateDict, experts: Mapping[str, StateDict],
+                        context: AdaptationContext, lambdas: str | None) -> torch.Tensor:
+    """λ [layers, tasks]: read from ``lambdas`` (a finished run's file), else learned here by
+    layer-wise AdaMerging with its defaults, checkpointed in a folder of its own."""
+    if lambdas is None:
+        from tintcli.adaptation.adamerging import adamerging_merge
+
+        inner = dataclasses.replace(context, checkpoint_dir=None if context.checkpoint_dir is None
+                                    else context.checkpoint_dir / "adamerging")
+        return adamerging_merge(pretrained, experts, inner).lambdas
+    values, _, tasks = saved_lambdas(lambdas)
+    if tasks != context.tasks:
+        raise TintError(f"lambdas={lambdas} were learned for the tasks {tasks}; this run has "
+                        f"{context.tasks}")
+    return values
+
+
 @register("surgery", adaptive=True, check=check_surgery, pretty="Surgery w/ AdaMerging",
           paper="https://arxiv.org/abs/2402.02705",
           code="https://github.com/EnnengYang/RepresentationSurgery", trainer=Surgery)
@@ -220,20 +282,29 @@ def surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
     first by layer-wise AdaMerging with its defaults); ``rank`` of each adapter; Adam at
     ``lr``; ``epochs`` over the tasks, ``steps_per_task`` steps on each, in a fixed order or
     ``shuffle``d each epoch; ``batch_size`` images a step."""
-    if lambdas is None:  # layer-wise AdaMerging first, checkpointed in a folder of its own
-        from tintcli.adaptation.adamerging import adamerging_merge
-
-        inner = dataclasses.replace(context, checkpoint_dir=None if context.checkpoint_dir is None
-                                    else context.checkpoint_dir / "adamerging")
-        values = adamerging_merge(pretrained, experts, inner).lambdas
-    else:
-        values, layers, tasks = saved_lambdas(lambdas)
-        if tasks != context.tasks:
-            raise TintError(f"lambdas={lambdas} were learned for the tasks {tasks}; this run "
-                            f"has {context.tasks}")
+    values = _adamerging_lambdas(pretrained, experts, context, lambdas)
     run = Surgery(pretrained, experts, context, values, rank, lr, batch_size, steps_per_task,
                   shuffle)
     run.train(epochs * len(run.tasks) * steps_per_task,
               {"lambdas": lambdas, "rank": rank, "lr": lr, "epochs": epochs,
                "steps_per_task": steps_per_task, "shuffle": shuffle, "batch_size": batch_size})
+    return run.result()
+
+
+@register("prob_surgery", adaptive=True, check=check_surgery, pretty="ProbSurgery w/ AdaMerging",
+          code="https://github.com/1998v7/ProbSurgery", trainer=Surgery)  # ICML 2025
+def prob_surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
+                       context: AdaptationContext, lambdas: str | None = None,
+                       hidden: int = 128, kl_weight: float = 1e-4, lr: float = 1e-3,
+                       epochs: int = 500, batch_size: int = 16) -> Adapted:
+    """ProbSurgery on layer-wise AdaMerging's λ (``lambdas`` as for ``surgery``): per task a
+    stochastic adapter of ``hidden`` units trained on L1 + ``kl_weight``·KL; the authors'
+    schedule, 5 × 100 rounds of one step per task in order (``epochs`` rounds)."""
+    values = _adamerging_lambdas(pretrained, experts, context, lambdas)
+    run = Surgery(pretrained, experts, context, values, lr=lr, batch_size=batch_size,
+                  steps_per_task=1, shuffle=False, hidden=hidden, kl_weight=kl_weight)
+    run.name = "prob_surgery"
+    run.train(epochs * len(run.tasks), {"lambdas": lambdas, "hidden": hidden,
+                                        "kl_weight": kl_weight, "lr": lr, "epochs": epochs,
+                                        "batch_size": batch_size})
     return run.result()
