@@ -185,3 +185,15 @@ def test_a_file_of_the_wrong_shape_is_skipped_whole(tmp_path, damage, why):
     assert [(r["row"], r["seeds"], r["average"][0]) for r in records(setting)] == [
         ("zero-shot", 1, pytest.approx(0.45)), ("experts", 1, pytest.approx(0.9)),
         ("TIES", 1, pytest.approx(0.75))]
+
+
+def test_every_paper_row_names_a_method_tint_registers():
+    """A reference row is found by the method's declared row name: a key that names no
+    registered method (a typo, a renamed method) would never print its paper number."""
+    from tintcli.methods import registered
+    from tintcli.recipes.table import REFERENCES
+
+    rows = {row for references in REFERENCES.values() for row in references}
+    known = set(registered()) | {"adamerging_task", "adamerging_pp", "adamerging_task_pp"}
+    assert rows - {"zero-shot", "experts"} <= known
+    assert REFERENCES[("clip_vit_b32", "vit8", "task_vectors")]["surgery"] == 87.5
