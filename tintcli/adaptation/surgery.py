@@ -212,8 +212,10 @@ class Surgery(EpochRun):
             tasks = [tasks[i] for i in torch.randperm(len(tasks), generator=self.generator)]
         return [t for t in tasks for _ in range(self.steps_per_task)]
 
-    def next_batch(self, task: str) -> tuple[torch.Tensor, torch.Tensor]:
-        index = self.next_index(task).to(self.features[task].device)
+    def next_batch(self, task: str, index: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        index = (self.next_index(task) if index is None else index).to(
+            self.features[task].device)
         return self.features[task][index], self.targets[task][index]
 
     def step(self, task: str, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
@@ -237,9 +239,8 @@ class Surgery(EpochRun):
         """What ``tint bench`` times: one adapter step (the encoder is frozen and its
         features cached), against a plain forward+backward of the encoder on the images."""
         task = self.tasks[0]
-        index = self.next_index(task)
-        batch = self.next_batch(task)
-        images = self.images(task, index)
+        index = self.next_index(task)  # one batch of images, for both steps
+        batch, images = self.next_batch(task, index), self.images(task, index)
 
         def plain_step() -> None:
             F.l1_loss(plain(images).float(), batch[1]).backward()

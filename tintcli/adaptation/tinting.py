@@ -92,7 +92,7 @@ class Tinting(EpochRun):
                  loss: str = "crosspseudo"):
         if loss == "crosspseudo" and sampler == "confidence":
             loss = "crosspseudoconf"  # Model Tinting++ as its YAML (sampler=confidence) says
-        self.loss, self.loss_fn = loss, LOSSES[loss]
+        self.loss_fn = LOSSES[loss]
         self.tint = tint
         keys = [] if tint == "head" else tinted_keys(context.encoder, tint)
         pretrained, vectors = context.task_vectors(pretrained, experts)
