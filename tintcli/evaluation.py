@@ -36,16 +36,16 @@ def evaluate_state(encoder: nn.Module, state: StateDict, heads: Mapping[str, nn.
     return evaluate_tasks(encoder, lambda task: state, heads, data, runtime)
 
 
-def evaluate_tasks(encoder: nn.Module, state_for: Callable[[str], StateDict],
+def evaluate_tasks(encoder: nn.Module, state_for: Callable[[str], StateDict] | None,
                    heads: Mapping[str, nn.Module],
                    data: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                    runtime: Runtime) -> dict[str, float]:
-    """Score each task with its own encoder state (a tinted encoder differs per task).
-    ``data``: task -> (uint8 images, labels)."""
+    """Score each task with its own encoder state (a tinted encoder differs per task; None:
+    the encoder as it is). ``data``: task -> (uint8 images, labels)."""
     out, loaded = {}, None
     for task in data:
-        state = state_for(task)
-        if state is not loaded:
+        state = state_for(task) if state_for is not None else None
+        if state is not None and state is not loaded:
             encoder.load_state_dict(encoder_entries(state))
             loaded = state
         out[task] = accuracy(encoder, heads[task], *data[task], runtime)

@@ -41,9 +41,11 @@ def activation_bytes(encoder_cfg: DictConfig, batch_size: int,
     size = int(encoder_cfg.get("image_size") or encoder_cfg.timm_kwargs.img_size)
     x = torch.empty(batch_size, 3, size, size, device="meta", requires_grad=True)
     saved: dict[int, torch.Tensor] = {}  # held, so that no id is reused while counting
+    buffers = {id(b) for b in encoder.buffers()}  # (WEMoE's task vectors: counted as weights)
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
-        if not isinstance(tensor, torch.nn.Parameter):  # weights are counted as weights
+        if not (isinstance(tensor, torch.nn.Parameter) or id(tensor) in buffers
+                or id(tensor._base) in buffers):  # weights are counted as weights
             saved[id(tensor)] = tensor
         return tensor
 
@@ -59,6 +61,7 @@ class MemoryModel:
     batch_size: int
     vectors_dtype: str
     terms: dict[str, int]
+    parameters: dict[str, int] | None = None  # (WEMoE: the routed model's beside the encoder's)
 
     @property
     def total(self) -> int:
@@ -82,3 +85,77 @@ def adaptation_memory(encoder_cfg: DictConfig, tasks: int, batch_size: int = 32,
         "tinted heads + Adam (3 copies)": 3 * classes * width * 4,
     }
     return MemoryModel(str(encoder_cfg.name), tasks, batch_size, vectors_dtype, terms)
+
+
+def wemoe_memory(encoder_cfg: DictConfig, tasks: int, batch_size: int = 16,
+                 blocks: list[int] | None = None, vectors_dtype: str = "fp32") -> MemoryModel:
+    """WEMoE's device memory while its routers train (``tintcli/adaptation/wemoe.py``): the
+    encoder outside the routed MLPs; each routed MLP's θ0 and T task vectors; the routers with
+    their gradient and Adam's two moments; the activations of one task's batch through the
+    routed model (each sample's merged MLP weights among them), counted on the meta device.
+    ``parameters`` gives the routed model's size beside the encoder's."""
+    from tintcli.adaptation.wemoe import build_wemoe, routers
+
+    encoder = meta_encoder(encoder_cfg)
+    shapes = {k: v for k, v in encoder.state_dict().items() if v.is_floating_point()}
+    with torch.device("meta"):
+        model = build_wemoe(encoder, shapes, {str(t): shapes for t in range(tasks)}, blocks)
+    routed = routers(model)
+    vector_bytes = 2 if vectors_dtype == "bf16" else 4
+    router_params = sum(p.numel() for m in routed.values() for p in m.router.parameters())
+    mlp_params = sum(b.numel() for m in routed.values() for n, b in m.named_buffers()
+                     if n.startswith("base_"))
+    params = sum(p.numel() for p in encoder.parameters())
+    terms = {
+        "encoder outside the routed MLPs (fp32)": (params - mlp_params) * 4,
+        f"routed MLPs: θ0 + {tasks} task vectors ({vectors_dtype})":
+            mlp_params * 4 + tasks * mlp_params * vector_bytes,
+        "routers + gradient + Adam (4 copies)": 4 * router_params * 4,
+        f"activations (batch {batch_size}, fp32)": activation_bytes(encoder_cfg, batch_size,
+                                                                    model),
+    }
+    out = MemoryModel(str(encoder_cfg.name), tasks, batch_size, vectors_dtype, terms)
+    out.parameters = {"encoder": params,
+                      "routed model": params + tasks * mlp_params + router_params}
+    return out
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes a run can still use on ``device``: CUDA's free memory; on the CPU, the system's
+    available memory (MemAvailable), else its physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_fits(label: str, model: MemoryModel, device: torch.device,
+               limit_gib: float | None = None) -> None:
+    """Refuse, before any work, a run whose memory model exceeds what ``device`` has free
+    (or ``limit_gib``, the run's ``memory_limit_gib``), naming its largest terms."""
+    from tintcli.errors import TintError
+
+    limit = device_memory(device) if limit_gib is None else float(limit_gib) * GiB
+    if model.total <= limit:
+        return
+    largest = sorted(model.terms.items(), key=lambda kv: -kv[1])[:2]
+    terms = "; ".join(f"{name} {size(value)}" for name, value in largest)
+    where = f"memory_limit_gib={limit_gib}" if limit_gib is not None else \
+        f"{device.type} has {size(limit)} free"
+    raise TintError(f"{label} needs about {size(model.total)} on {device.type} "
+                    f"({model.encoder} × {model.tasks} tasks; largest: {terms}) and "
+                    f"{where}\nRoute fewer blocks (method.blocks=[...]), lower "
+                    "method.batch_size, set vectors_dtype=bf16, or use a larger device.")
+
+
+def size(nbytes: float) -> str:
+    """``2.31 GiB``, ``12.4 MiB``."""
+    return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB / 10 else f"{nbytes / 1024 ** 2:.1f} MiB"

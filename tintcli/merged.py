@@ -32,6 +32,7 @@ class Merged:
     ``overrides``: per task, entries computed on demand (EMR). ``lambdas`` is [layers, tasks]
     for methods that learn or choose coefficients (task-wise: one row, ``['all']``).
     ``info``: what results.json records of the method (its choice on validation, the grid).
+    ``model``: a module evaluation runs instead of the encoder (WEMoE's routed encoder).
     """
 
     method: str
@@ -45,6 +46,9 @@ class Merged:
     tinted: str | None = None
     overrides: Overrides | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    # a model that replaces the encoder for every task (WEMoE's routed encoder: its weights
+    # depend on the input, so no state dict holds them); ``state`` is then its starting point
+    model: nn.Module | None = None
 
     @property
     def per_task(self) -> bool:

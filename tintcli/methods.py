@@ -61,6 +61,9 @@ class Method:
     # TA's TALL-mask λt): name -> probe(pretrained, experts, value) -> a Merged whose task t
     # model is what task t's choice is scored on; the choice is then {task: value}
     per_task: Mapping[str, Callable[..., Merged]] = field(default_factory=dict)
+    # adaptive: (encoder config, tasks, parameters, vectors dtype) -> its device memory
+    # (``tintcli/memory.py``), checked against the device before any work
+    memory: Callable[..., Any] | None = None
 
     @property
     def positional(self) -> int:
@@ -89,12 +92,12 @@ def register(name: str, adaptive: bool = False, check: Check | None = None, *,
              delta: Callable[..., StateDict] | None = None,
              variant: Callable[[Mapping[str, Any]], str] | None = None,
              choose_by: str = "average", trainer: type | None = None,
-             min_tasks: int = 1, per_task: Mapping[str, Callable[..., Merged]] | None = None
-             ) -> Callable[[Callable], Callable]:
+             min_tasks: int = 1, per_task: Mapping[str, Callable[..., Merged]] | None = None,
+             memory: Callable[..., Any] | None = None) -> Callable[[Callable], Callable]:
     def add(fn: Callable) -> Callable:
         MERGE_METHODS[name] = Method(fn, adaptive, check, name, pretty or name, paper, code,
                                      dict(search or {}), delta, variant, choose_by, trainer,
-                                     min_tasks, dict(per_task or {}))
+                                     min_tasks, dict(per_task or {}), memory)
         return fn
 
     return add

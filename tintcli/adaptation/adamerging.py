@@ -9,6 +9,7 @@ TIES-trimmed, sign-consistent task vectors (``ties_top_k``).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 
 import torch
@@ -122,6 +123,15 @@ def adamerging_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
     code)."""
     run = AdaMerging(pretrained, experts, context, granularity, ties_top_k, lam_init, lr,
                      batch_size)
-    run.train(steps, {"granularity": granularity, "ties_top_k": ties_top_k,
-                      "lam_init": lam_init, "lr": lr, "steps": steps, "batch_size": batch_size})
-    return run.adapted(context.heads, {}, {"unit": "step", "loss": run.curve})
+    params = {"granularity": granularity, "ties_top_k": ties_top_k, "lam_init": lam_init,
+              "lr": lr, "steps": steps, "batch_size": batch_size}
+    run.train(steps, params)
+    adapted = run.adapted(context.heads, {}, {"unit": "step", "loss": run.curve})
+    context.learned[learned_key(params)] = adapted.lambdas  # for Surgery in the same run
+    return adapted
+
+
+def learned_key(params: Mapping[str, object]) -> str:
+    """Which AdaMerging learned a λ in ``AdaptationContext.learned``: its parameters (the
+    context fixes the seed and the data)."""
+    return "adamerging " + json.dumps(dict(params), sort_keys=True)

@@ -51,6 +51,9 @@ class AdaptationContext:
     console: Console | None = None  # where notes go (None: stderr)
     # the images' true labels: only an oracle may learn from them (loss=crossgt, oracle=true)
     labels: Mapping[str, torch.Tensor] | None = None
+    # what one method learned that a later one of the same run reuses: layer-wise
+    # AdaMerging's λ, keyed by its parameters (Surgery and ProbSurgery start from them)
+    learned: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     # the experts' logits / features on the images, by kind, then task: computed once a run
     _expert_outputs: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict,
                                                                 repr=False)
@@ -115,10 +118,11 @@ class AdaptationContext:
     def generator(self) -> torch.Generator:
         return torch.Generator().manual_seed(self.seed)
 
-    def report(self, done: int, total: int, loss: float, merger: LambdaMerger) -> None:
-        """Tell the run (progress bar, W&B) where training is, as it trains."""
+    def report(self, done: int, total: int, loss: float, per_task: list[float]) -> None:
+        """Tell the run (progress bar, W&B) where training is, as it trains; ``per_task``:
+        each task's current coefficient (λ averaged over layers; WEMoE: routing weight)."""
         if self.on_step is not None:
-            self.on_step(done, total, loss, merger.lambdas().detach().mean(0).tolist())
+            self.on_step(done, total, loss, per_task)
 
     def note(self, message: str) -> None:
         """A one-line note to the user (a checkpoint resumed, or not used and why)."""
@@ -197,12 +201,14 @@ class AdaptationRun:
     name = "adaptation"
 
     def __init__(self, context: AdaptationContext, pretrained: StateDict,
-                 vectors: list[StateDict], granularity: str, lam_init: float, batch_size: int):
+                 vectors: list[StateDict] | None, granularity: str, lam_init: float,
+                 batch_size: int):
         self.context = context
         self.tasks = context.tasks
         self.encoder = context.encoder.to(context.device).eval()
-        self.merger = LambdaMerger(pretrained, vectors, granularity, lam_init, context.device,
-                                   context.vectors_dtype)
+        # (vectors None: a method that learns no λ over whole task vectors, as WEMoE)
+        self.merger = None if vectors is None else LambdaMerger(
+            pretrained, vectors, granularity, lam_init, context.device, context.vectors_dtype)
         # fp16 autocast needs loss scaling (bf16 and fp32 do not: the scaler is then a no-op)
         self.scaler = torch.amp.GradScaler(context.device.type,
                                            enabled=context.runtime.precision == "fp16")
@@ -233,6 +239,10 @@ class AdaptationRun:
         report, or None (mid-epoch)."""
         raise NotImplementedError
 
+    def per_task(self) -> list[float]:
+        """Each task's coefficient now, for progress and W&B: λ averaged over layers."""
+        return self.merger.lambdas().detach().mean(0).tolist()
+
     def trained(self) -> dict[str, nn.Module]:
         """The modules the optimiser moves."""
         return {"merger": self.merger}
@@ -257,7 +267,7 @@ class AdaptationRun:
                 if self.steps_done % every == 0 and self.steps_done < total:
                     checkpoint.save(self.state(mark), self.steps_done)
                 if loss is not None:
-                    context.report(self.steps_done, total, loss, self.merger)
+                    context.report(self.steps_done, total, loss, self.per_task())
         except BaseException:
             if not self.updating:  # (stopped mid-update, the state is neither before nor after)
                 checkpoint.save(self.state(mark), mark["steps_done"])

@@ -42,7 +42,13 @@ def save_adapted(adapted: Adapted, folder: Path, label: str,
     save_state_dict({"lambdas": adapted.lambdas}, files["lambdas"],
                     {**meta, "layers": json.dumps(adapted.layer_names),
                      "method_name": adapted.method})
-    if adapted.tinted is not None:
+    if adapted.model is not None:  # WEMoE: its routers, by block (the rest is the pool's)
+        from tintcli.adaptation.wemoe import router_state
+
+        files["tints"] = folder / TINTS
+        routers, extra = router_state(adapted.model)
+        save_state_dict(routers, files["tints"], {**meta, **extra, "tinted": "routers"})
+    elif adapted.tinted is not None:
         per_task = ({t: head.state_dict() for t, head in adapted.heads.items()}
                     if adapted.tinted in HEAD_KINDS else adapted.tints)
         tints = {f"{t}.{k}": v for t, entries in per_task.items() for k, v in entries.items()}
@@ -58,15 +64,30 @@ def _metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
-def load_adapted(folder: Path, heads: Mapping[str, nn.Module]) -> Adapted:
-    """What ``save_adapted`` wrote; ``heads`` are the zero-shot heads for untinted tasks."""
+def load_adapted(folder: Path, heads: Mapping[str, nn.Module],
+                 pool: tuple[nn.Module, StateDict, Mapping[str, StateDict]] | None = None
+                 ) -> Adapted:
+    """What ``save_adapted`` wrote; ``heads`` are the zero-shot heads for untinted tasks.
+    ``pool``: (encoder, pretrained, experts), which a routed model (WEMoE) is rebuilt from
+    around its saved routers."""
     folder = Path(folder)
     meta = _metadata(folder / LAMBDAS)
     tasks = json.loads(meta["tasks"])
     out_heads, tints, tinted = {t: heads[t] for t in tasks}, {}, None
     if (folder / TINTS).is_file():
-        tinted = _metadata(folder / TINTS)["tinted"]
+        tints_meta = _metadata(folder / TINTS)
+        tinted = tints_meta["tinted"]
         saved = load_state_dict(folder / TINTS, f"the tints in {folder}")
+        if tinted == "routers":
+            from tintcli.adaptation.wemoe import load_routed
+
+            if pool is None:
+                raise TintError(f"{folder} holds WEMoE's routers: pass the pool they route "
+                                "(encoder, pretrained, experts) to rebuild its model")
+            lambdas = load_state_dict(folder / LAMBDAS, f"the lambdas in {folder}")["lambdas"]
+            model, start = load_routed(*pool, tasks, saved, tints_meta)
+            return Adapted(meta.get("method_name", "wemoe"), start, out_heads, {}, lambdas,
+                           json.loads(meta["layers"]), tasks, {}, tinted, model=model)
         per_task = {t: {k[len(t) + 1:]: v for k, v in saved.items() if k.startswith(f"{t}.")}
                     for t in tasks}
         if tinted in HEAD_KINDS:

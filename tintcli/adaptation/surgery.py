@@ -260,8 +260,14 @@ def _adamerging_lambdas(pretrained: StateDict, experts: Mapping[str, StateDict],
     """λ [layers, tasks]: read from ``lambdas`` (a finished run's file), else learned here by
     layer-wise AdaMerging with its defaults, checkpointed in a folder of its own."""
     if lambdas is None:
-        from tintcli.adaptation.adamerging import adamerging_merge
+        from tintcli.adaptation.adamerging import adamerging_merge, learned_key
+        from tintcli.methods import get_method
 
+        key = learned_key(get_method("adamerging").defaults)
+        if key in context.learned:  # this run's AdaMerging row learned them already
+            context.note("λ from this run's layer-wise AdaMerging (the same parameters, seed "
+                         "and images), not learned again")
+            return context.learned[key]
         inner = dataclasses.replace(context, checkpoint_dir=None if context.checkpoint_dir is None
                                     else context.checkpoint_dir / "adamerging")
         return adamerging_merge(pretrained, experts, inner).lambdas

@@ -132,6 +132,12 @@ class Workbench:
         """Per-task accuracy of any method's outcome: task t's encoder state (the shared one,
         or its own) with task t's head (its own where the method made one)."""
         heads = {t: merged.head(t, self.heads[t]) for t in self.tasks}
+        if merged.model is not None:  # a routed encoder (WEMoE): it runs as it is
+            model = merged.model.to(self.device)
+            try:
+                return evaluate_tasks(model, None, heads, self._data(split), self.runtime)
+            finally:
+                merged.model.cpu()
         return evaluate_tasks(self.encoder, merged.task_state, heads, self._data(split),
                               self.runtime)
 

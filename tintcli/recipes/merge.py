@@ -28,6 +28,7 @@ from tintcli.io import (
     set_digest_mode,
     write_json,
 )
+from tintcli.memory import check_fits
 from tintcli.methods import adapt, check_parameters, get_method
 from tintcli.objective import check_objective
 from tintcli.recipes.common import Workbench
@@ -171,13 +172,17 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
     runs = method_runs(cfg.method)
     architecture = build_encoder(cfg.encoder)  # no weights: what tint= may name, say
     check_image_size(architecture, cfg.tasks, cfg.encoder)
-    for _, _, method_cfg in runs:
+    for _, label, method_cfg in runs:
         method = check_parameters(method_cfg.name, _params(method_cfg), architecture,
                                   _grid(method_cfg))
         if len(tasks) < method.min_tasks:
             raise TintError(f"{method.pretty} needs at least {method.min_tasks} tasks; "
                             f"tasks={cfg.tasks.name} has {len(tasks)}\n"
                             "Pick more tasks (tasks.names=[...]), or another method.")
+        if method.memory is not None:
+            check_fits(label, method.memory(cfg.encoder, len(tasks), _params(method_cfg),
+                                            str(cfg.get("vectors_dtype", "fp32"))),
+                       resolve_device(cfg.device), cfg.get("memory_limit_gib"))
     earlier = rows_to_resume(claim_run_dir(run_dir, cfg.overwrite, console), cfg)
     set_digest_mode(str(cfg.get("digests", "memo")))
     torch.manual_seed(cfg.seed)

@@ -1,0 +1,142 @@
+"""LOT Merging (Sun et al., NeurIPS 2025, arXiv 2505.23859; PAPER.md, "The comparison
+methods"): no training, a closed form per layer that minimises the feature drift between each
+expert and the merged model on a few unlabeled exemplars per task,
+
+    min_T Σt ‖Xt (θ0 + T) − Xt (θ0 + τt)‖²   (Xt: the layer's inputs in expert t on task t's
+                                              exemplars, every token a row)
+
+- linear weights: T* = (Σt XtᵀXt)⁺ Σt XtᵀXt τt (the pseudo-inverse: directions no exemplar
+  reaches get no task vector);
+- LayerNorm scales: per feature j, Σt ‖x̂t,j‖² τt,j / Σt ‖x̂t,j‖² (x̂: the normalised input
+  the scale multiplies), a feature-weighted average;
+- biases and LayerNorm shifts (their input is the constant 1): the mean of τt;
+- embeddings (patch embedding, class token, position embedding) and anything else: the mean.
+
+Only the sums Σt XtᵀXt and Σt XtᵀXt τt are kept (float64, one [in, in] and one [in, out] per
+linear layer), accumulated expert by expert; one forward of each expert over its exemplars.
+
+The paper's method section and the authors' code (SunWenJu123/model-merging) were not
+available here; the forms above follow PAPER.md and the paper's objective, and are checked
+against an independent transcription (``tests/lot_oracle.py``). The number of exemplars per
+task is a parameter (``exemplars``, 64 by default: the paper's reviewers describe 16 to 64).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from tintcli.adaptation.run import AdaptationContext, Adapted
+from tintcli.checks import whole
+from tintcli.io import StateDict, encoder_entries
+from tintcli.merged import Merged
+from tintcli.methods import register
+
+
+class _Moments:
+    """Per layer, the running sums over tasks that the closed forms need."""
+
+    def __init__(self) -> None:
+        self.gram: dict[str, torch.Tensor] = {}    # Linear: Σt XtᵀXt
+        self.moment: dict[str, torch.Tensor] = {}  # Linear: Σt XtᵀXt τtᵀ
+        self.energy: dict[str, torch.Tensor] = {}  # LayerNorm: Σt ‖x̂t‖² per feature
+        self.scaled: dict[str, torch.Tensor] = {}  # LayerNorm: Σt ‖x̂t‖² τt per feature
+
+    @staticmethod
+    def add(store: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+        store[name] = store[name] + value if name in store else value
+
+
+def _layers(encoder: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in encoder.named_modules()
+            if isinstance(m, nn.Linear) or (isinstance(m, nn.LayerNorm)
+                                            and m.elementwise_affine)}
+
+
+def exemplar_index(count: int, exemplars: int, generator: torch.Generator) -> torch.Tensor:
+    """``exemplars`` rows drawn without replacement (all of them where there are fewer)."""
+    return torch.randperm(count, generator=generator)[:exemplars]
+
+
+@torch.no_grad()
+def lot_merge_state(pretrained: StateDict, experts: Mapping[str, StateDict],
+                    context: AdaptationContext, exemplars: int) -> StateDict:
+    """θ0 + T*, the merged state dict (float entries in the pretrained's dtypes)."""
+    tasks = context.tasks
+    generator = context.generator()
+    encoder = copy.deepcopy(context.encoder).to(context.device).eval()
+    layers = _layers(encoder)
+    sums = _Moments()
+    device = context.device
+    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}  # one task's
+
+    def record(name: str, module: nn.Module):
+        def keep(_module, args, _output) -> None:
+            x = args[0].to(torch.float64)
+            if isinstance(module, nn.LayerNorm):  # what the scale multiplies
+                x = nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
+            inputs[name].append(x.reshape(-1, x.shape[-1]))
+        return keep
+
+    for task in tasks:
+        expert = experts[task]
+        encoder.load_state_dict(encoder_entries(expert))
+        tau = {f"{name}.weight": expert[f"{name}.weight"].to(device, torch.float64)
+               - pretrained[f"{name}.weight"].to(device, torch.float64) for name in layers}
+        hooks = [m.register_forward_hook(record(n, m)) for n, m in layers.items()]
+        try:
+            index = exemplar_index(len(context.images[task]), exemplars, generator)
+            for start in range(0, len(index), context.runtime.batch_size):
+                encoder(context.inputs(task, index[start: start + context.runtime.batch_size]))
+        finally:
+            for hook in hooks:
+                hook.remove()
+        for name, module in layers.items():
+            x = torch.cat(inputs[name])
+            inputs[name] = []
+            if isinstance(module, nn.Linear):
+                gram = x.T @ x
+                _Moments.add(sums.gram, name, gram)
+                _Moments.add(sums.moment, name, gram @ tau[f"{name}.weight"].T)
+            else:
+                energy = (x ** 2).sum(0)
+                _Moments.add(sums.energy, name, energy)
+                _Moments.add(sums.scaled, name, energy * tau[f"{name}.weight"])
+    merged = dict(pretrained)
+    closed = {}
+    for name, module in layers.items():
+        if isinstance(module, nn.Linear):
+            closed[f"{name}.weight"] = (torch.linalg.pinv(sums.gram.pop(name))
+                                        @ sums.moment.pop(name)).T
+        else:
+            energy = sums.energy.pop(name)
+            closed[f"{name}.weight"] = sums.scaled.pop(name) / energy.clamp_min(1e-300)
+    for key, base in pretrained.items():
+        if not base.is_floating_point():
+            continue
+        if key in closed:
+            delta = closed[key].cpu()
+        else:  # biases, norms' shifts, embeddings, the rest: the mean of the task vectors
+            delta = sum(experts[t][key].double() - base.double() for t in tasks) / len(tasks)
+        merged[key] = (base.double() + delta).to(base.dtype)
+    return merged
+
+
+def check_lot(params: Mapping[str, object], encoder: nn.Module | None) -> None:
+    whole(params, "exemplars")
+
+
+@register("lot", adaptive=True, check=check_lot, pretty="LOT Merging",
+          paper="https://arxiv.org/abs/2505.23859",
+          code="https://github.com/SunWenJu123/model-merging")
+def lot_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
+              context: AdaptationContext, exemplars: int = 64) -> Adapted:
+    """``exemplars``: unlabeled test images per task (drawn with the run's seed) whose layer
+    inputs the closed forms are fitted on."""
+    state = lot_merge_state(pretrained, experts, context, exemplars)
+    return Merged("lot", state, lambdas=torch.ones(1, len(context.tasks)),
+                  layer_names=["all"], tasks=context.tasks,
+                  info={"exemplars": exemplars})
