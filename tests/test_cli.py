@@ -251,6 +251,17 @@ BAD_IN_A_TABLE = [
                                     "finite number"),
     ("method.methods.ties.top_k=150", "bad parameters for method 'ties': top_k=150 must be a "
                                       "percentage in [0, 100]"),
+    ("method.methods.surgery.rank=0", "bad parameters for method 'surgery': rank=0 must be a "
+                                      "whole number >= 1"),
+    ("method.methods.prob_surgery.lambdas=/none.safetensors",
+     "bad parameters for method 'prob_surgery': lambdas=/none.safetensors is no file"),
+    ("method.methods.lot.exemplars=0", "bad parameters for method 'lot': exemplars=0 must be a "
+                                       "whole number >= 1"),
+    ("method.methods.wemoe.blocks=[7]", "bad parameters for method 'wemoe': blocks=[7]: block "
+                                        "7 is not one of this encoder's 2 blocks (0 to 1)"),
+    ("memory_limit_gib=0.001", "WEMoE needs about 2.0 MiB on cpu (synth_vit_tiny × 3 tasks; "
+                               "largest: activations (batch 16, fp32) 1.8 MiB; routed MLPs: "
+                               "θ0 + 3 task vectors (fp32) 0.1 MiB) and memory_limit_gib=0.001"),
 ]
 
 
@@ -290,13 +301,16 @@ def test_bench_times_both_adaptation_steps_on_their_real_batches(run_tint, tmp_p
     assert out.returncode == 0, out.stderr
     payload = json.loads((tmp_path / "b" / "bench.json").read_text())
     results = payload["results"]
-    assert [r["step"].split()[0] for r in results] == ["AdaMerging", "Surgery", "Model"]
-    # AdaMerging's step takes a batch of every task, Surgery's and Tinting's one task's batch
-    assert [r["batch"] for r in results] == [3 * 32, 16, 32]
+    assert [r["step"].split()[0] for r in results] == ["AdaMerging", "LOT", "Surgery", "Model",
+                                                       "WEMoE"]
+    # AdaMerging's and WEMoE's steps take a batch of every task, Surgery's and Tinting's one
+    # task's batch; LOT's closed form every task's exemplars (all 48 of the tiny test sets)
+    assert [r["batch"] for r in results] == [3 * 32, 3 * 48, 16, 32, 3 * 16]
     assert "ratio" in out.stdout
     # evaluation is timed over every task's whole test split, as a run scores it
     assert (payload["evaluation"]["tasks"], payload["evaluation"]["images"]) == (3, 3 * 48)
-    assert set(payload["peak_memory"]) == {"evaluation", "adamerging", "surgery", "tinting"}
+    assert set(payload["peak_memory"]) == {"evaluation", "adamerging", "lot", "surgery",
+                                           "tinting", "wemoe"}
     models = {(m["encoder"], m["tasks"], m["vectors_dtype"]): m["terms"]
               for m in payload["memory_models"]}  # the README's ViT-L/14 x 20 row
     assert models["clip_vit_l14", 20, "bf16"]["task vectors (20 x bf16)"] == \

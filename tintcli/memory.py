@@ -159,3 +159,23 @@ def check_fits(label: str, model: MemoryModel, device: torch.device,
 def size(nbytes: float) -> str:
     """``2.31 GiB``, ``12.4 MiB``."""
     return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB / 10 else f"{nbytes / 1024 ** 2:.1f} MiB"
+
+
+def surgery_memory(encoder_cfg: DictConfig, tasks: int, images_per_task: int = 10_000,
+                   width: int = 16, vectors_dtype: str = "fp32") -> MemoryModel:
+    """Surgery's (and ProbSurgery's, ``width`` 128) device memory after its λ are learned: the
+    λ merge it computes the frozen features with (θ0, the task vectors, one merged copy), the
+    frozen encoder's and the experts' features on every adaptation image (fp32), and the
+    adapters with their gradient and Adam's moments. ``images_per_task``: test images."""
+    encoder = meta_encoder(encoder_cfg)
+    params = sum(p.numel() for p in encoder.parameters())
+    dim = int(encoder_cfg.get("num_classes") or encoder.num_features)
+    vector_bytes = 2 if vectors_dtype == "bf16" else 4
+    terms = {
+        "theta_0 + merged theta (fp32)": 2 * params * 4,
+        f"task vectors ({tasks} x {vectors_dtype})": tasks * params * vector_bytes,
+        f"features, merged + experts' ({images_per_task} images/task)":
+            2 * tasks * images_per_task * dim * 4,
+        f"adapters (width {width}) + gradient + Adam": 4 * tasks * 2 * dim * width * 4,
+    }
+    return MemoryModel(str(encoder_cfg.name), tasks, 16, vectors_dtype, terms)

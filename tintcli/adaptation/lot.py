@@ -125,13 +125,39 @@ def lot_merge_state(pretrained: StateDict, experts: Mapping[str, StateDict],
     return merged
 
 
+class LOT:
+    """What ``tint bench`` times of LOT (it has no steps): the whole closed form, against a
+    plain forward of the encoder over the same exemplars."""
+
+    def __init__(self, pretrained: StateDict, experts: Mapping[str, StateDict],
+                 context: AdaptationContext, exemplars: int = 64):
+        self.pretrained, self.experts, self.context = pretrained, experts, context
+        self.exemplars = exemplars
+
+    def benchmark(self, plain: nn.Module):
+        context = self.context
+        generator = context.generator()
+        batches = [context.inputs(t, exemplar_index(len(context.images[t]), self.exemplars,
+                                                     generator)) for t in context.tasks]
+
+        def forward() -> None:
+            with torch.no_grad():
+                for x in batches:
+                    plain(x)
+
+        return (f"LOT closed form (all tasks, {self.exemplars} exemplars each; plain: forward "
+                "only)", sum(len(x) for x in batches),
+                lambda: lot_merge_state(self.pretrained, self.experts, context, self.exemplars),
+                forward)
+
+
 def check_lot(params: Mapping[str, object], encoder: nn.Module | None) -> None:
     whole(params, "exemplars")
 
 
 @register("lot", adaptive=True, check=check_lot, pretty="LOT Merging",
           paper="https://arxiv.org/abs/2505.23859",
-          code="https://github.com/SunWenJu123/model-merging")
+          code="https://github.com/SunWenJu123/model-merging", trainer=LOT)
 def lot_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
               context: AdaptationContext, exemplars: int = 64) -> Adapted:
     """``exemplars``: unlabeled test images per task (drawn with the run's seed) whose layer

@@ -132,8 +132,9 @@ def check_surgery(params: Mapping[str, object], encoder: nn.Module | None) -> No
     for key in ("rank", "hidden", "epochs", "steps_per_task"):
         whole(params, key)
     number(params, "kl_weight", 0, None, must="a finite number >= 0")
-    if params.get("shuffle") not in (None, True, False):
-        raise ValueError(f"shuffle={params['shuffle']} must be true or false")
+    for key in ("shuffle", "momentum_all_tasks"):
+        if params.get(key) not in (None, True, False):
+            raise ValueError(f"{key}={params[key]} must be true or false")
     if params.get("lambdas") is not None:
         saved_lambdas(str(params["lambdas"]))  # readable, with its layer and task names
 
@@ -168,7 +169,7 @@ class Surgery(EpochRun):
                  context: AdaptationContext, lambda_values: torch.Tensor | None = None,
                  rank: int = 16, lr: float = 1e-3, batch_size: int = 16,
                  steps_per_task: int = 2, shuffle: bool = False, hidden: int | None = None,
-                 kl_weight: float = 0.0):
+                 kl_weight: float = 0.0, momentum_all_tasks: bool = True):
         pretrained, vectors = context.task_vectors(pretrained, experts)
         super().__init__(context, pretrained, vectors, "layer", 0.3, batch_size)
         lambdas = lambda_values  # (None: task arithmetic at 0.3, for tint bench alone)
@@ -194,6 +195,10 @@ class Surgery(EpochRun):
                                        for t in self.tasks}).to(context.device)
         self.optimizer = torch.optim.Adam(self.adapters.parameters(), lr=lr,
                                           betas=(0.9, 0.999))
+        # The authors' code (torch 1.x) zeroes gradients rather than dropping them, so their
+        # one Adam moves every task's adapter at every step on its momentum, not only the
+        # stepping task's; False: only the stepping task's (torch 2's zero_grad, FusionBench)
+        self.momentum_all_tasks = momentum_all_tasks
 
     def _features(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -227,7 +232,7 @@ class Surgery(EpochRun):
         loss = F.l1_loss(corrected.float(), targets) + self.kl_weight * penalty
         check_finite(loss, self.name, self.steps_done + 1, task)
         self.steps_done += 1
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(set_to_none=not self.momentum_all_tasks)
         self.scaler.scale(loss).backward()
         self.optimizer_step(self.optimizer)
         return loss.item()
@@ -284,17 +289,21 @@ def _adamerging_lambdas(pretrained: StateDict, experts: Mapping[str, StateDict],
 def surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                   context: AdaptationContext, lambdas: str | None = None, rank: int = 16,
                   lr: float = 1e-3, epochs: int = 500, steps_per_task: int = 2,
-                  shuffle: bool = False, batch_size: int = 16) -> Adapted:
+                  shuffle: bool = False, batch_size: int = 16,
+                  momentum_all_tasks: bool = True) -> Adapted:
     """``lambdas``: a finished AdaMerging run's ``lambdas.safetensors`` (unset: learned here
     first by layer-wise AdaMerging with its defaults); ``rank`` of each adapter; Adam at
     ``lr``; ``epochs`` over the tasks, ``steps_per_task`` steps on each, in a fixed order or
-    ``shuffle``d each epoch; ``batch_size`` images a step."""
+    ``shuffle``d each epoch; ``batch_size`` images a step; ``momentum_all_tasks``: Adam moves
+    every task's adapter at every step, as the authors' code did under torch 1.x (false: only
+    the stepping task's, as torch 2 and FusionBench)."""
     values = _adamerging_lambdas(pretrained, experts, context, lambdas)
     run = Surgery(pretrained, experts, context, values, rank, lr, batch_size, steps_per_task,
-                  shuffle)
+                  shuffle, momentum_all_tasks=momentum_all_tasks)
     run.train(epochs * len(run.tasks) * steps_per_task,
               {"lambdas": lambdas, "rank": rank, "lr": lr, "epochs": epochs,
-               "steps_per_task": steps_per_task, "shuffle": shuffle, "batch_size": batch_size})
+               "steps_per_task": steps_per_task, "shuffle": shuffle, "batch_size": batch_size,
+               "momentum_all_tasks": momentum_all_tasks})
     return run.result()
 
 
@@ -303,15 +312,19 @@ def surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
 def prob_surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                        context: AdaptationContext, lambdas: str | None = None,
                        hidden: int = 128, kl_weight: float = 1e-4, lr: float = 1e-3,
-                       epochs: int = 500, batch_size: int = 16) -> Adapted:
+                       epochs: int = 500, batch_size: int = 16,
+                       momentum_all_tasks: bool = True) -> Adapted:
     """ProbSurgery on layer-wise AdaMerging's λ (``lambdas`` as for ``surgery``): per task a
     stochastic adapter of ``hidden`` units trained on L1 + ``kl_weight``·KL; the authors'
-    schedule, 5 × 100 rounds of one step per task in order (``epochs`` rounds)."""
+    schedule, 5 × 100 rounds of one step per task in order (``epochs`` rounds);
+    ``momentum_all_tasks`` as for ``surgery`` (the authors pin torch 1.13)."""
     values = _adamerging_lambdas(pretrained, experts, context, lambdas)
     run = Surgery(pretrained, experts, context, values, lr=lr, batch_size=batch_size,
-                  steps_per_task=1, shuffle=False, hidden=hidden, kl_weight=kl_weight)
+                  steps_per_task=1, shuffle=False, hidden=hidden, kl_weight=kl_weight,
+                  momentum_all_tasks=momentum_all_tasks)
     run.name = "prob_surgery"
     run.train(epochs * len(run.tasks), {"lambdas": lambdas, "hidden": hidden,
                                         "kl_weight": kl_weight, "lr": lr, "epochs": epochs,
-                                        "batch_size": batch_size})
+                                        "batch_size": batch_size,
+                                        "momentum_all_tasks": momentum_all_tasks})
     return run.result()

@@ -123,13 +123,14 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
                 "ratio": ours / base, "steps_per_s": 1 / ours} for name, size, ours, base in rows]
     models = memory_models(cfg, len(tasks) or 8, adaptive["tinting"][1].get("batch_size", 32)
                            if "tinting" in adaptive else 32)
+    learned = learned_memory_models(cfg, len(tasks) or 8)
     payload = {"command": "bench", "parts": sorted(parts), "device": str(device),
                "device_name": device_name(device), "encoder": cfg.encoder.name,
                "precision": precision, "tasks": tasks,
                "threads": torch.get_num_threads(), "evaluation": evaluation,
                "target_eval_ratio": TARGET_EVAL_RATIO, "target_ratio": TARGET_RATIO,
                "results": results, "merges": merges, "peak_memory": peaks,
-               "memory_models": models,
+               "memory_models": models, "learned_memory_models": learned,
                "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True)}
     write_json(run_dir / "bench.json", payload)
     where = f"{cfg.encoder.name} · {device_name(device)} · {precision}"
@@ -141,6 +142,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
         console.print(merge_table(merges, f"data-free merges · {device_name(device)}"))
     if parts & {"evaluation", "adaptation"}:
         console.print(memory_table(peaks, models, device))
+        console.print(learned_memory_table(learned))
     console.print(f"results: {run_dir / 'bench.json'}")
     return payload
 
@@ -361,6 +363,50 @@ def memory_models(cfg: DictConfig, tasks: int, batch_size: int) -> list[dict]:
             out.append({"encoder": model.encoder, "tasks": count, "batch": batch_size,
                         "vectors_dtype": dtype, "terms": model.terms, "total": model.total})
     return out
+
+
+def learned_memory_models(cfg: DictConfig, tasks: int) -> list[dict]:
+    """WEMoE's routed model (its parameters beside the encoder's) and Surgery's features and
+    adapters, for this encoder and task count and each ``memory_model`` entry."""
+    from hydra import compose
+
+    from tintcli.memory import surgery_memory, wemoe_memory
+
+    wanted = [(cfg.encoder, tasks)]
+    for item in cfg.get("memory_model") or []:
+        wanted.append((compose(config_name=f"encoder/{item.encoder}").encoder, int(item.tasks)))
+    out = []
+    for encoder_cfg, count in wanted:
+        for dtype in ("fp32", "bf16"):
+            for method, model in (("wemoe", wemoe_memory(encoder_cfg, count,
+                                                         vectors_dtype=dtype)),
+                                  ("surgery", surgery_memory(encoder_cfg, count,
+                                                             vectors_dtype=dtype))):
+                out.append({"method": method, "encoder": model.encoder, "tasks": count,
+                            "vectors_dtype": dtype, "terms": model.terms,
+                            "total": model.total, "parameters": model.parameters})
+    return out
+
+
+def learned_memory_table(models: list[dict]) -> Table:
+    from tintcli.memory import GiB
+
+    table = Table(title="WEMoE and Surgery memory model, GiB (tintcli/memory.py)",
+                  title_justify="left",
+                  caption="WEMoE: one task's batch of 16 at a time; Surgery: 10,000 test "
+                          "images per task, after its λ are learned")
+    for column in ("method", "encoder × tasks", "vectors", "parameters (M)", "largest terms",
+                   "total"):
+        table.add_column(column, justify="right" if column == "total" else "left")
+    for m in models:
+        largest = sorted(m["terms"].items(), key=lambda kv: -kv[1])[:2]
+        params = m["parameters"]
+        table.add_row(m["method"], f"{m['encoder']} × {m['tasks']}", m["vectors_dtype"],
+                      f"{params['routed model'] / 1e6:.1f} (encoder {params['encoder'] / 1e6:.1f})"
+                      if params else "—",
+                      "; ".join(f"{k.split(' (')[0]} {v / GiB:.2f}" for k, v in largest),
+                      f"{m['total'] / GiB:.1f}")
+    return table
 
 
 def eval_table(r: dict, title: str) -> Table:

@@ -44,6 +44,8 @@ _FINAL = {  # (B/32 8, 14, 20), (L/14 8, 14, 20)
     "lines_ta": ((74.1, 68.0, 63.7), (86.9, 80.4, 75.7)),  # SyMerge's text
     "surgery": ((87.5, 84.6, 84.5), (92.3, 90.4, 89.5)),   # SyMerge's re-run (own logs: 86.1)
     "prob_surgery": ((87.4, 84.9, 84.5), (92.7, 90.7, 90.2)),  # SyMerge's text
+    "wemoe": ((89.4, 83.0, 78.9), (93.6, 88.4, 78.8)),
+    "lot": ((82.7, 77.3, 73.1), (90.5, 86.2, 84.1)),       # SyMerge's text
 }  # CART's own numbers (84.7, ...) are on the TALL-masks checkpoints: not comparable here
 REFERENCES: dict[tuple[str, str, str], dict[str, float]] = {
     (encoder, tasks, "task_vectors"): {row: values[e][t] for row, values in _FINAL.items()}
