@@ -531,3 +531,21 @@ def test_prob_surgery_samples_the_correction_adds_its_kl_and_evaluates_with_the_
     back = SurgeryHead.from_state_dict(head.state_dict())
     assert isinstance(back.adapter, ProbSurgeryAdapter)
     assert torch.equal(back(features.cpu()), head(features.cpu()))
+
+
+def test_surgery_reuses_the_runs_layer_wise_adamerging_lambdas(bench):
+    """In one run (one context), AdaMerging leaves its λ under its parameters and Surgery
+    with no lambdas= takes those of AdaMerging's defaults instead of learning them again.
+    Catches a key that differs between the two sides (Surgery relearns: slow, and on another
+    random stream), or λ from another AdaMerging configuration taken."""
+    from tintcli.adaptation.adamerging import learned_key
+    from tintcli.methods import get_method
+
+    context = bench.adaptation_context(0)
+    ada = adapt("adamerging", bench.pretrained, bench.experts, context, steps=2)
+    assert torch.equal(context.learned[learned_key({**get_method("adamerging").defaults,
+                                                    "steps": 2})], ada.lambdas)
+    planted = torch.rand(ada.lambdas.shape, generator=torch.Generator().manual_seed(3))
+    context.learned[learned_key(get_method("adamerging").defaults)] = planted
+    adapted = adapt("surgery", bench.pretrained, bench.experts, context, epochs=1)
+    assert torch.equal(adapted.lambdas, planted)
