@@ -534,18 +534,34 @@ def test_prob_surgery_samples_the_correction_adds_its_kl_and_evaluates_with_the_
 
 
 def test_surgery_reuses_the_runs_layer_wise_adamerging_lambdas(bench):
-    """In one run (one context), AdaMerging leaves its λ under its parameters and Surgery
-    with no lambdas= takes those of AdaMerging's defaults instead of learning them again.
-    Catches a key that differs between the two sides (Surgery relearns: slow, and on another
-    random stream), or λ from another AdaMerging configuration taken."""
-    from tintcli.adaptation.adamerging import learned_key
-    from tintcli.methods import get_method
+    """In one run (one context), layer-wise AdaMerging leaves its λ and Surgery with no
+    lambdas= takes them instead of learning them again; task-wise AdaMerging or AdaMerging++
+    leave none. Catches Surgery relearning (slow, and not the row it sits beside) or starting
+    from the λ of another variant."""
+    from tintcli.adaptation.adamerging import LAYER_WISE
 
     context = bench.adaptation_context(0)
+    adapt("adamerging", bench.pretrained, bench.experts, context, steps=1, granularity="task")
+    adapt("adamerging", bench.pretrained, bench.experts, context, steps=1, ties_top_k=20)
+    assert LAYER_WISE not in context.learned
     ada = adapt("adamerging", bench.pretrained, bench.experts, context, steps=2)
-    assert torch.equal(context.learned[learned_key({**get_method("adamerging").defaults,
-                                                    "steps": 2})], ada.lambdas)
+    assert torch.equal(context.learned[LAYER_WISE], ada.lambdas)
     planted = torch.rand(ada.lambdas.shape, generator=torch.Generator().manual_seed(3))
-    context.learned[learned_key(get_method("adamerging").defaults)] = planted
+    context.learned[LAYER_WISE] = planted
     adapted = adapt("surgery", bench.pretrained, bench.experts, context, epochs=1)
     assert torch.equal(adapted.lambdas, planted)
+
+
+def test_surgery_refuses_the_lambdas_of_another_encoder_or_a_task_wise_run(bench, tmp_path):
+    """A lambdas.safetensors from a task-wise AdaMerging (one row, 'all') or one whose layers
+    this encoder lacks is one error before any work, naming the layer."""
+    from tintcli.adaptation.saved import save_adapted
+    from tintcli.methods import check_parameters
+
+    task_wise = adapt("adamerging", bench.pretrained, bench.experts,
+                      bench.adaptation_context(0), steps=1, granularity="task")
+    save_adapted(task_wise, tmp_path / "task", "AdaMerging", merged=False)
+    with pytest.raises(TintError, match="not a layer-wise AdaMerging's λ for this encoder "
+                                        r"\(it has no layer 'all'\)"):
+        check_parameters("surgery", {"lambdas": str(tmp_path / "task" / "lambdas.safetensors")},
+                         bench.encoder)

@@ -36,7 +36,9 @@ CLIP_TINY = ["encoder=clip_vit_b32", "tasks=synth_tiny", "encoder.num_classes=16
              "num_heads: 2}"]
 FAST = ["method.methods.adamerging_task.steps=2", "method.methods.adamerging.steps=2",
         "method.methods.adamerging_pp.steps=2", "method.methods.tinting.epochs=1",
-        "method.methods.tinting_pp.epochs=1"]
+        "method.methods.tinting_pp.epochs=1", "method.methods.surgery.epochs=1",
+        "method.methods.surgery_symerge.epochs=1", "method.methods.prob_surgery.epochs=1",
+        "method.methods.wemoe.steps=2", "method.methods.lot.exemplars=4"]
 
 
 def _test_images(task):
@@ -148,7 +150,8 @@ def test_merge_over_a_task_vectors_pool_runs_every_method(run_tint, tmp_path, re
     assert out.returncode == 0, out.stderr
     results = json.loads((tmp_path / "tv" / "results.json").read_text())
     names = [r["name"] for r in results["rows"]]
-    assert len(names) == 2 + 16 and "Model Tinting++" in names and "emr" in names
+    assert len(names) == 2 + 21 and "Model Tinting++" in names and "emr" in names
+    assert {"WEMoE", "LOT Merging", "ProbSurgery w/ AdaMerging"} <= set(names)
     assert results["pool"]["kind"] == "task_vectors" and results["realism"] is None
     zeroshot, experts = results["rows"][0], results["rows"][1]
     assert all(experts["accuracy"][t] > zeroshot["accuracy"][t] for t in TASKS)

@@ -9,7 +9,6 @@ TIES-trimmed, sign-consistent task vectors (``ties_top_k``).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping
 
 import torch
@@ -127,11 +126,10 @@ def adamerging_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
               "lr": lr, "steps": steps, "batch_size": batch_size}
     run.train(steps, params)
     adapted = run.adapted(context.heads, {}, {"unit": "step", "loss": run.curve})
-    context.learned[learned_key(params)] = adapted.lambdas  # for Surgery in the same run
+    if _variant(params) == "adamerging":  # layer-wise, plain: what Surgery starts from
+        context.learned[LAYER_WISE] = adapted.lambdas
     return adapted
 
 
-def learned_key(params: Mapping[str, object]) -> str:
-    """Which AdaMerging learned a λ in ``AdaptationContext.learned``: its parameters (the
-    context fixes the seed and the data)."""
-    return "adamerging " + json.dumps(dict(params), sort_keys=True)
+# where a run's layer-wise AdaMerging leaves its λ in ``AdaptationContext.learned``
+LAYER_WISE = "adamerging (layer-wise)"

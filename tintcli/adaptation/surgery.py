@@ -48,7 +48,7 @@ from tintcli.adaptation.run import (
 )
 from tintcli.checks import number, whole
 from tintcli.errors import TintError
-from tintcli.io import StateDict, encoder_entries, load_state_dict
+from tintcli.io import EXTRA, StateDict, encoder_entries, load_state_dict
 from tintcli.methods import register
 
 
@@ -135,8 +135,15 @@ def check_surgery(params: Mapping[str, object], encoder: nn.Module | None) -> No
     for key in ("shuffle", "momentum_all_tasks"):
         if params.get(key) not in (None, True, False):
             raise ValueError(f"{key}={params[key]} must be true or false")
-    if params.get("lambdas") is not None:
-        saved_lambdas(str(params["lambdas"]))  # readable, with its layer and task names
+    if params.get("lambdas") is not None:  # readable, with its layer and task names
+        _, layers, _ = saved_lambdas(str(params["lambdas"]))
+        if encoder is not None:
+            names = set(encoder.state_dict())
+            other = [n for n in layers if n not in names and not n.startswith(EXTRA)]
+            if other or "all" in layers:
+                raise ValueError(f"lambdas={params['lambdas']} are not a layer-wise "
+                                 "AdaMerging's λ for this encoder (it has no layer "
+                                 f"'{(other or ['all'])[0]}')")
 
 
 def saved_lambdas(path: str) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -262,17 +269,16 @@ class Surgery(EpochRun):
 
 def _adamerging_lambdas(pretrained: StateDict, experts: Mapping[str, StateDict],
                         context: AdaptationContext, lambdas: str | None) -> torch.Tensor:
-    """λ [layers, tasks]: read from ``lambdas`` (a finished run's file), else learned here by
-    layer-wise AdaMerging with its defaults, checkpointed in a folder of its own."""
+    """λ [layers, tasks]: read from ``lambdas`` (a finished run's file), else those of this
+    run's layer-wise AdaMerging row where it has one, else learned here by layer-wise
+    AdaMerging with its defaults, checkpointed in a folder of its own."""
     if lambdas is None:
-        from tintcli.adaptation.adamerging import adamerging_merge, learned_key
-        from tintcli.methods import get_method
+        from tintcli.adaptation.adamerging import LAYER_WISE, adamerging_merge
 
-        key = learned_key(get_method("adamerging").defaults)
-        if key in context.learned:  # this run's AdaMerging row learned them already
-            context.note("λ from this run's layer-wise AdaMerging (the same parameters, seed "
-                         "and images), not learned again")
-            return context.learned[key]
+        if LAYER_WISE in context.learned:  # this run's AdaMerging row learned them already
+            context.note("λ from this run's layer-wise AdaMerging row (the same seed and "
+                         "images), not learned again")
+            return context.learned[LAYER_WISE]
         inner = dataclasses.replace(context, checkpoint_dir=None if context.checkpoint_dir is None
                                     else context.checkpoint_dir / "adamerging")
         return adamerging_merge(pretrained, experts, inner).lambdas

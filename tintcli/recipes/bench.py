@@ -349,15 +349,10 @@ def _peak(device: torch.device) -> int:
 def memory_models(cfg: DictConfig, tasks: int, batch_size: int) -> list[dict]:
     """The adaptation memory model for this encoder and task count, and for each
     ``memory_model`` entry of the config (e.g. ViT-L/14 x 20), in both vector dtypes."""
-    from hydra import compose
-
     from tintcli.memory import adaptation_memory
 
-    wanted = [(cfg.encoder, tasks)]
-    for item in cfg.get("memory_model") or []:
-        wanted.append((compose(config_name=f"encoder/{item.encoder}").encoder, int(item.tasks)))
     out = []
-    for encoder_cfg, count in wanted:
+    for encoder_cfg, count in _memory_shapes(cfg, tasks):
         for dtype in ("fp32", "bf16"):
             model = adaptation_memory(encoder_cfg, count, batch_size, dtype)
             out.append({"encoder": model.encoder, "tasks": count, "batch": batch_size,
@@ -365,18 +360,22 @@ def memory_models(cfg: DictConfig, tasks: int, batch_size: int) -> list[dict]:
     return out
 
 
+def _memory_shapes(cfg: DictConfig, tasks: int) -> list[tuple[DictConfig, int]]:
+    """(encoder config, tasks): this run's, then each ``memory_model`` entry's."""
+    from hydra import compose
+
+    return [(cfg.encoder, tasks)] + [
+        (compose(config_name=f"encoder/{item.encoder}").encoder, int(item.tasks))
+        for item in cfg.get("memory_model") or []]
+
+
 def learned_memory_models(cfg: DictConfig, tasks: int) -> list[dict]:
     """WEMoE's routed model (its parameters beside the encoder's) and Surgery's features and
     adapters, for this encoder and task count and each ``memory_model`` entry."""
-    from hydra import compose
-
     from tintcli.memory import surgery_memory, wemoe_memory
 
-    wanted = [(cfg.encoder, tasks)]
-    for item in cfg.get("memory_model") or []:
-        wanted.append((compose(config_name=f"encoder/{item.encoder}").encoder, int(item.tasks)))
     out = []
-    for encoder_cfg, count in wanted:
+    for encoder_cfg, count in _memory_shapes(cfg, tasks):
         for dtype in ("fp32", "bf16"):
             for method, model in (("wemoe", wemoe_memory(encoder_cfg, count,
                                                          vectors_dtype=dtype)),
