@@ -67,12 +67,15 @@ def test_two_parallel_jobs_on_a_cold_cache_build_it_once(tmp_path):
     out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=900)
     assert out.returncode == 0, out.stderr
-    # one job built the zoo (it says so); the other waited on its lock and reused it
-    assert (out.stdout + out.stderr).count("Building the synth_vit_tiny zoo") == 1
+    # the jobs share the build: each entry is built by one of them while the other waits on
+    # its lock (which job builds which expert is a race, so both may say they build)
+    text = out.stdout + out.stderr
+    assert 1 <= text.count("Building the synth_vit_tiny zoo") <= 2
     rows = [json.loads((sweep / str(i) / "results.json").read_text())["rows"] for i in (0, 1)]
     assert rows[0][:2] == rows[1][:2]  # the same zoo: the same zero-shot and expert rows
     assert not list(cache.rglob("*.tmp")), "a temporary build folder was left behind"
     assert len(list(cache.glob("zoo/*/pretrained/manifest.json"))) == 1
+    assert len(list(cache.glob("zoo/*/tasks/*/manifest.json"))) == 3
 
 
 def test_an_installed_package_composes_the_same_config_as_the_checkout(tmp_path):
