@@ -185,6 +185,9 @@ def test_tinting_an_encoder_module_instead_of_the_head(bench):
     ("adamerging", {"steps": 0}, "steps=0 must be a whole number >= 1"),
     ("adamerging", {"ties_top_k": 120}, r"ties_top_k=120 must be null or a percentage"),
     ("tinting", {"lam_init": 1.5}, r"lam_init=1.5 must be in \[0, 1\]"),
+    ("surgery", {"rank": 0}, "rank=0 must be a whole number >= 1"),
+    ("prob_surgery", {"lambdas": "/none.safetensors"}, "lambdas=/none.safetensors is no file"),
+    ("prob_surgery", {"momentum_all_tasks": "yes"}, "momentum_all_tasks=yes must be true or"),
 ])
 def test_bad_values_fail_before_any_work(method, params, message):
     from tintcli.methods import check_parameters

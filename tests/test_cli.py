@@ -251,10 +251,6 @@ BAD_IN_A_TABLE = [
                                     "finite number"),
     ("method.methods.ties.top_k=150", "bad parameters for method 'ties': top_k=150 must be a "
                                       "percentage in [0, 100]"),
-    ("method.methods.surgery.rank=0", "bad parameters for method 'surgery': rank=0 must be a "
-                                      "whole number >= 1"),
-    ("method.methods.prob_surgery.lambdas=/none.safetensors",
-     "bad parameters for method 'prob_surgery': lambdas=/none.safetensors is no file"),
     ("method.methods.lot.exemplars=0", "bad parameters for method 'lot': exemplars=0 must be a "
                                        "whole number >= 1"),
     ("method.methods.wemoe.blocks=[7]", "bad parameters for method 'wemoe': blocks=[7]: block "
