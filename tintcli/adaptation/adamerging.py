@@ -48,9 +48,6 @@ class AdaMerging(AdaptationRun):
         # never run, so their lambdas get no gradient)
         self.encoder_keys = [k for k in self.merger.keys if not k.startswith(EXTRA)]
 
-    def next_batches(self) -> dict[str, torch.Tensor]:
-        return {t: self.images(t, self.next_index(t)) for t in self.tasks}
-
     def step(self, images: dict[str, torch.Tensor] | None = None) -> float:
         """One step over every task's batch. Each task's forward/backward runs on its own
         (so memory holds one task's activations at a time) into a detached copy of the merged

@@ -13,7 +13,8 @@ expert and the merged model on a few unlabeled exemplars per task,
 - embeddings (patch embedding, class token, position embedding) and anything else: the mean.
 
 Only the sums Σt XtᵀXt and Σt XtᵀXt τt are kept (float64, one [in, in] and one [in, out] per
-linear layer), accumulated expert by expert; one forward of each expert over its exemplars.
+linear layer), accumulated batch by batch as the exemplars pass (no layer input is kept);
+one forward of each expert over its exemplars.
 
 The paper's method section and the authors' code (SunWenJu123/model-merging) were not
 available here; the forms above follow PAPER.md and the paper's objective, and are checked
@@ -71,21 +72,21 @@ def lot_merge_state(pretrained: StateDict, experts: Mapping[str, StateDict],
     layers = _layers(encoder)
     sums = _Moments()
     device = context.device
-    inputs: dict[str, list[torch.Tensor]] = {name: [] for name in layers}  # one task's
+    seen: dict[str, torch.Tensor] = {}  # one task's XᵀX (Linear) or Σ x̂² (LayerNorm)
 
     def record(name: str, module: nn.Module):
-        def keep(_module, args, _output) -> None:
+        def keep(_module, args, _output) -> None:  # summed as the batches pass: no X is kept
             x = args[0].to(torch.float64)
             if isinstance(module, nn.LayerNorm):  # what the scale multiplies
                 x = nn.functional.layer_norm(x, module.normalized_shape, eps=module.eps)
-            inputs[name].append(x.reshape(-1, x.shape[-1]))
+            x = x.reshape(-1, x.shape[-1])
+            _Moments.add(seen, name, x.T @ x if isinstance(module, nn.Linear)
+                         else (x ** 2).sum(0))
         return keep
 
     for task in tasks:
         expert = experts[task]
         encoder.load_state_dict(encoder_entries(expert))
-        tau = {f"{name}.weight": expert[f"{name}.weight"].to(device, torch.float64)
-               - pretrained[f"{name}.weight"].to(device, torch.float64) for name in layers}
         hooks = [m.register_forward_hook(record(n, m)) for n, m in layers.items()]
         try:
             index = exemplar_index(len(context.images[task]), exemplars, generator)
@@ -95,16 +96,15 @@ def lot_merge_state(pretrained: StateDict, experts: Mapping[str, StateDict],
             for hook in hooks:
                 hook.remove()
         for name, module in layers.items():
-            x = torch.cat(inputs[name])
-            inputs[name] = []
+            key = f"{name}.weight"
+            tau = expert[key].to(device, torch.float64) - pretrained[key].to(device, torch.float64)
             if isinstance(module, nn.Linear):
-                gram = x.T @ x
-                _Moments.add(sums.gram, name, gram)
-                _Moments.add(sums.moment, name, gram @ tau[f"{name}.weight"].T)
+                _Moments.add(sums.gram, name, seen[name])
+                _Moments.add(sums.moment, name, seen[name] @ tau.T)
             else:
-                energy = (x ** 2).sum(0)
-                _Moments.add(sums.energy, name, energy)
-                _Moments.add(sums.scaled, name, energy * tau[f"{name}.weight"])
+                _Moments.add(sums.energy, name, seen[name])
+                _Moments.add(sums.scaled, name, seen[name] * tau)
+        seen.clear()
     merged = dict(pretrained)
     closed = {}
     for name, module in layers.items():

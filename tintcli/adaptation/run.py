@@ -225,6 +225,10 @@ class AdaptationRun:
     def images(self, task: str, index: torch.Tensor) -> torch.Tensor:
         return self.context.inputs(task, index)
 
+    def next_batches(self) -> dict[str, torch.Tensor]:
+        """The next batch of every task (a step over all tasks: AdaMerging, WEMoE)."""
+        return {t: self.images(t, self.next_index(t)) for t in self.tasks}
+
     def autocast(self):
         return self.context.runtime.autocast()
 

@@ -224,9 +224,6 @@ class WEMoE(AdaptationRun):
             torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=steps)
         self.last_weights = [init_lambda] * len(self.tasks)
 
-    def next_batches(self) -> dict[str, torch.Tensor]:
-        return {t: self.images(t, self.next_index(t)) for t in self.tasks}
-
     def step(self, images: dict[str, torch.Tensor] | None = None) -> float:
         """One step: each task's batch through the routed model (its own forward+backward,
         gradients summed into the routers), one optimiser and scheduler step."""
