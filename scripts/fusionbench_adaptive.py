@@ -112,19 +112,22 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fusionbench_side_by_side import INSTALL_HINT, average, load_bench, markdown, pct  # noqa: E402
+from fusionbench_side_by_side import (  # noqa: E402
+    INSTALL_HINT,
+    average,
+    begin_comparison,
+    common_arguments,
+    fusion_bench_importable,
+    markdown,
+    pct,
+)
 
 FB_CONFIG = {"surgery_steps": 1000, "batch_size": 16, "lr": 1e-3, "hidden_dim": 16}
 
 
 def import_fusion_bench(path: str) -> SimpleNamespace:
     """FusionBench's Surgery wrapper, feature function and infinite loader."""
-    try:
-        importlib.import_module("fusion_bench")
-    except ImportError:
-        if not os.path.isdir(path):
-            sys.exit(f"fusion_bench is not importable and {path} does not exist: {INSTALL_HINT}")
-        sys.path.append(path)  # after the venv's site-packages: tint's versions win
+    fusion_bench_importable(path)
     clip = importlib.import_module("transformers.models.clip.modeling_clip")
     if not hasattr(clip, "CLIPVisionTransformer"):  # transformers 5: a type hint in FB only
         clip.CLIPVisionTransformer = type("CLIPVisionTransformer", (nn.Module,), {})
@@ -270,9 +273,7 @@ def run_fusion_bench(bench, fb: SimpleNamespace, merged_state, steps: int, seed:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", help="tint's device (default: cpu)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own choice)")
+    common_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="both sides' seed (default 0)")
     parser.add_argument("--steps", type=int, default=FB_CONFIG["surgery_steps"],
                         help="FusionBench's surgery_steps = tint's epochs (default 1000)")
@@ -290,26 +291,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--paired", action="store_true",
                         help="diagnostic: FusionBench's adapters start from tint's initial "
                              "weights and see tint's batches (no seed noise between the sides)")
-    parser.add_argument("--fusion-bench-path",
-                        default=os.environ.get("FUSION_BENCH_PATH", "/tmp/fb"),
-                        help="where FusionBench was pip-installed with --target")
-    parser.add_argument("overrides", nargs="*",
-                        help="extra Hydra overrides (default: synth8, synth_vit, pool synth)")
     args = parser.parse_args(argv)
 
     from tintcli.adaptation.saved import save_adapted
     from tintcli.methods import adapt, get_method
 
     begin = time.perf_counter()
-    log = lambda msg: print(f"[{time.perf_counter() - begin:6.0f} s] {msg}",  # noqa: E731
-                            file=sys.stderr, flush=True)
-    fb = import_fusion_bench(args.fusion_bench_path)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    log(f"fusion_bench {fb.version} from {fb.location}")
-    bench, cfg = load_bench(args.device, args.overrides)
+    log, fb, bench, cfg = begin_comparison(args, import_fusion_bench, begin)
     tasks = bench.tasks
-    log(f"loaded {cfg.tasks.name} / {cfg.encoder.name}: {len(tasks)} tasks")
 
     rows, times = [], {}
     # FusionBench's optimizer.zero_grad() (torch 2: set_to_none) leaves the other tasks'

@@ -81,14 +81,19 @@ COMMON_FRACTION = 0.8  # ISO-CTS's common space (tint's default, FusionBench's c
 # --------------------------------------------------------------------------------------
 
 
-def import_fusion_bench(path: str) -> SimpleNamespace:
-    """FusionBench's merging functions and its version, from its installed package."""
+def fusion_bench_importable(path: str) -> None:
+    """``fusion_bench`` from the venv, else from ``path`` (a ``pip install --target``)."""
     try:
         importlib.import_module("fusion_bench")
     except ImportError:
         if not os.path.isdir(path):
             sys.exit(f"fusion_bench is not importable and {path} does not exist: {INSTALL_HINT}")
         sys.path.append(path)  # after the venv's site-packages: tint's versions win
+
+
+def import_fusion_bench(path: str) -> SimpleNamespace:
+    """FusionBench's merging functions and its version, from its installed package."""
+    fusion_bench_importable(path)
     modules = {}
     for name, module in FB_MODULES.items():
         try:
@@ -366,33 +371,48 @@ def load_bench(device: str, overrides: list[str]):
     return Workbench.load(cfg, Console(stderr=True)), cfg
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def common_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every FusionBench-beside-tint script takes (this one, Surgery's, WEMoE's)."""
     parser.add_argument("--device", default="cpu", help="tint's device (default: cpu)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--fusion-bench-path",
                         default=os.environ.get("FUSION_BENCH_PATH", "/tmp/fb"),
-                        help="where FusionBench was pip-installed with --target, used only "
-                             "if fusion_bench is not importable otherwise")
+                        help="where FusionBench was pip-installed with --target")
+    parser.add_argument("overrides", nargs="*",
+                        help="extra Hydra overrides (default: synth8, synth_vit, pool synth)")
+
+
+def begin_comparison(args: argparse.Namespace, import_fb: Callable[[str], SimpleNamespace],
+                     begin: float):
+    """(log, FusionBench's pieces, the Workbench, its config): a logger timed from ``begin``,
+    then FusionBench imported (``import_fb``: the script's own pieces), the threads set and
+    tint's benchmark loaded."""
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - begin:6.0f} s] {msg}", file=sys.stderr, flush=True)
+
+    fb = import_fb(args.fusion_bench_path)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log(f"fusion_bench {fb.version} from {fb.location}")
+    bench, cfg = load_bench(args.device, args.overrides)
+    log(f"loaded {cfg.tasks.name} / {cfg.encoder.name}: {len(bench.tasks)} tasks")
+    return log, fb, bench, cfg
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common_arguments(parser)
     parser.add_argument("--full-grid", action="store_true",
                         help="score FusionBench's every validation point, even where its "
                              "weights match tint's to within --tolerance")
     parser.add_argument("--tolerance", type=float, default=1e-5,
                         help="relative weight difference under which FusionBench's "
                              "validation point reuses tint's accuracy (default 1e-5)")
-    parser.add_argument("overrides", nargs="*",
-                        help="extra Hydra overrides (default: synth8, synth_vit, pool synth)")
     args = parser.parse_args(argv)
-
     begin = time.perf_counter()
-    log = lambda msg: print(f"[{time.perf_counter() - begin:6.0f} s] {msg}",  # noqa: E731
-                            file=sys.stderr, flush=True)
-    fb = import_fusion_bench(args.fusion_bench_path)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    log(f"fusion_bench {fb.version} from {fb.location}")
-    bench, cfg = load_bench(args.device, args.overrides)
+    log, fb, bench, cfg = begin_comparison(args, import_fusion_bench, begin)
     log(f"loaded {cfg.tasks.name} / {cfg.encoder.name}: {len(bench.tasks)} tasks")
 
     accelerator = str(bench.device)

@@ -105,7 +105,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fusionbench_side_by_side import (  # noqa: E402
     INSTALL_HINT,
     average,
-    load_bench,
+    begin_comparison,
+    common_arguments,
+    fusion_bench_importable,
     markdown,
     pct,
     relative_difference,
@@ -119,12 +121,7 @@ FB_EVAL_BATCH = 128  # fusion_bench_config/taskpool/CLIPVisionModelTaskPool: bat
 
 def import_fusion_bench(path: str) -> SimpleNamespace:
     """FusionBench's WEMoE layer, entropy loss, task arithmetic and infinite loader."""
-    try:
-        importlib.import_module("fusion_bench")
-    except ImportError:
-        if not os.path.isdir(path):
-            sys.exit(f"fusion_bench is not importable and {path} does not exist: {INSTALL_HINT}")
-        sys.path.append(path)  # after the venv's site-packages: tint's versions win
+    fusion_bench_importable(path)
     try:
         models = importlib.import_module("fusion_bench.models.we_moe")
         method = importlib.import_module("fusion_bench.method.we_moe.we_moe")
@@ -307,20 +304,13 @@ def set_batch_reduce(module: nn.Module, cls: type, value: bool) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", help="tint's device (default: cpu)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own choice)")
+    common_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="both sides' seed (default 0)")
     parser.add_argument("--steps", type=int, default=FB_CONFIG["max_steps"],
                         help="FusionBench's max_steps = tint's steps (default 1000)")
     parser.add_argument("--paired", action="store_true",
                         help="diagnostic: FusionBench's gates start from tint's initial "
                              "routers and see tint's batches (no seed noise between the sides)")
-    parser.add_argument("--fusion-bench-path",
-                        default=os.environ.get("FUSION_BENCH_PATH", "/tmp/fb"),
-                        help="where FusionBench was pip-installed with --target")
-    parser.add_argument("overrides", nargs="*",
-                        help="extra Hydra overrides (default: synth8, synth_vit, pool synth)")
     args = parser.parse_args(argv)
 
     from tintcli.adaptation.wemoe import routers
@@ -328,15 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     from tintcli.methods import adapt
 
     begin = time.perf_counter()
-    log = lambda msg: print(f"[{time.perf_counter() - begin:6.0f} s] {msg}",  # noqa: E731
-                            file=sys.stderr, flush=True)
-    fb = import_fusion_bench(args.fusion_bench_path)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    log(f"fusion_bench {fb.version} from {fb.location}")
-    bench, cfg = load_bench(args.device, args.overrides)
+    log, fb, bench, cfg = begin_comparison(args, import_fusion_bench, begin)
     tasks = bench.tasks
-    log(f"loaded {cfg.tasks.name} / {cfg.encoder.name}: {len(tasks)} tasks")
 
     times = {}
     start = time.perf_counter()
