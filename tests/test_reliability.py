@@ -542,3 +542,33 @@ def test_a_run_stopped_by_sigterm_resumes_its_rows_and_checkpoint_to_the_same_nu
     for mine, theirs in zip(resumed["rows"], whole["rows"], strict=True):  # λ, curves, ...
         assert json.dumps(mine).replace(str(tmp_path / "stopped"), "RUN") == \
             json.dumps(theirs).replace(str(tmp_path / "whole"), "RUN")
+
+
+def test_ctrl_c_that_an_extension_swallows_still_stops_the_run_as_ctrl_c(tiny_cache, tmp_path,
+                                                                        monkeypatch):
+    """Ctrl-C landing while pyarrow calls back into Python (it reads `datasets`' image
+    columns that way) is swallowed there and surfaces as pyarrow's own error ("ArrowInvalid:
+    Schema at index 0 was different"; seen on CI): the run must still end as interrupted,
+    exit 130 with its finished rows kept, not as a failure with a traceback."""
+    from tintcli import errors
+    from tintcli.adaptation import AdaptationContext
+
+    def ctrl_c_inside_an_extension(self, done, total, loss, merger):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # the real signal, through tint's handler
+            time.sleep(1)
+        except KeyboardInterrupt:
+            raise ValueError("Schema at index 0 was different") from None  # what pyarrow does
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    errors.install_stop_handlers()
+    try:
+        monkeypatch.setattr(AdaptationContext, "report", ctrl_c_inside_an_extension)
+        with pytest.raises(errors.Interrupted, match="interrupted") as stop:
+            _run_in_process(tmp_path / "stopped", FAST)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        errors._RECEIVED.clear()  # this process's later tests were never stopped
+    assert stop.value.exit_code == 130
+    assert "results.partial.json" in str(stop.value)  # where the finished rows are

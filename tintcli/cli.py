@@ -11,7 +11,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tintcli.errors import Interrupted, TintError, fail, install_stop_handlers, stops_deferred
+from tintcli.errors import (
+    Interrupted,
+    TintError,
+    fail,
+    install_stop_handlers,
+    stop_requested,
+    stops_deferred,
+)
 from tintcli.paths import CONF_DIR, CONF_MODULE
 
 if TYPE_CHECKING:  # the rest is imported when used: Ctrl-C is tint's from its first moment
@@ -111,6 +118,9 @@ def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], object]
         except KeyboardInterrupt as stop:  # before the recipe could say where its rows are
             stopped(Interrupted.by(stop, rows_kept()))
         except Exception as err:  # noqa: BLE001 - recorded, then reported (or re-raised)
+            stop = stop_requested()
+            if stop is not None and not isinstance(err, Interrupted):  # swallowed Ctrl-C
+                stopped(Interrupted.by(stop, rows_kept()))
             if not isinstance(err, TintError) and not _multirun():
                 raise  # a bug in a single run: its traceback, as usual
             from tintcli.tracking import record_failure

@@ -55,17 +55,33 @@ class Terminated(KeyboardInterrupt):
     them on SIGTERM too."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
+_RECEIVED: list[int] = []  # the stop signals this process was sent
+
+
+def _stop(signum: int, frame: object) -> None:
+    _RECEIVED.append(signum)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def install_stop_handlers() -> None:
     """Ctrl-C and SIGTERM stop tint however it was started. A process started with SIGINT
     ignored (a background job of a shell without job control, ``nohup``) inherits that, and
     Python then never installs its KeyboardInterrupt handler: tint restores it. SIGTERM,
-    which would kill the process on the spot, unwinds like Ctrl-C instead."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminate)
+    which would kill the process on the spot, unwinds like Ctrl-C instead. Both are
+    remembered (``stop_requested``)."""
+    _RECEIVED.clear()
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+
+
+def stop_requested() -> KeyboardInterrupt | None:
+    """The stop a signal asked for, or None. A KeyboardInterrupt raised while a C extension
+    is calling back into Python (pyarrow reading ``datasets``' extension types) is swallowed
+    there and comes out as the extension's own error (``ArrowInvalid``): the handlers that
+    keep rows ask this to know that such an error was in truth Ctrl-C or SIGTERM."""
+    if not _RECEIVED:
+        return None
+    return Terminated() if _RECEIVED[-1] == signal.SIGTERM else KeyboardInterrupt()
 
 
 @contextmanager

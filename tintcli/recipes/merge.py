@@ -19,7 +19,7 @@ from rich.console import Console
 
 from tintcli.adaptation.saved import save_adapted
 from tintcli.encoders import build_encoder, resolve_device
-from tintcli.errors import Interrupted, Terminated, TintError
+from tintcli.errors import Interrupted, Terminated, TintError, stop_requested
 from tintcli.io import (
     DIGEST_MODES,
     digest_mode,
@@ -219,8 +219,11 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
             with console.status("checking the benchmark's realism targets"):
                 log.payload["realism"] = bench.realism()  # None for real checkpoint pools
             log.payload["data"] = bench.data_record()  # with validation, if it was used
-        except BaseException:
+        except BaseException as err:
             tracker.finish(None, run_dir, failed=True)  # W&B learns the run failed
+            stop = stop_requested()
+            if stop is not None and not isinstance(err, KeyboardInterrupt):
+                raise stop from err  # Ctrl-C that an extension turned into its own error
             raise
     except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (errors.Terminated)
         why = "terminated" if isinstance(stop, Terminated) else "interrupted"
