@@ -292,25 +292,50 @@ def test_a_bad_value_of_any_method_in_a_table_fails_before_any_row(tmp_path, ove
     assert not (tmp_path / "bad" / "results.partial.json").exists()
 
 
-def test_bench_times_both_adaptation_steps_on_their_real_batches(run_tint, tmp_path):
-    out = run_tint("bench", *TINY, "repeats=2", "warmup=1", f"hydra.run.dir={tmp_path / 'b'}")
+STAND_IN = ["pool=stand_in", "tasks=vit8", "tasks.names=[eurosat,dtd,mnist]",
+            "tasks.test_size=48", "tasks.data.dtd.test_images=24",  # dtd's split: 24 < the cap
+            "encoder=clip_vit_b32", "encoder.num_classes=16", "encoder.image_size=32",
+            "encoder.timm_kwargs={img_size: 32, patch_size: 8, embed_dim: 32, depth: 2, "
+            "num_heads: 2}"]
+
+
+def test_bench_times_every_adaptation_step_at_the_stand_in_pools_real_sizes(run_tint, tmp_path):
+    """`tint bench pool=stand_in`: no checkpoint, no dataset; each task's test split is
+    generated at its real size (conf/task's test_images) under the tasks.test_size cap, and
+    every step is timed on its real batches."""
+    out = run_tint("bench", *STAND_IN, "repeats=2", "warmup=1", "eval_repeats=1",
+                   f"hydra.run.dir={tmp_path / 'b'}")
     assert out.returncode == 0, out.stderr
     payload = json.loads((tmp_path / "b" / "bench.json").read_text())
     results = payload["results"]
     assert [r["step"].split()[0] for r in results] == ["AdaMerging", "LOT", "Surgery", "Model",
                                                        "WEMoE"]
     # AdaMerging's and WEMoE's steps take a batch of every task, Surgery's and Tinting's one
-    # task's batch; LOT's closed form every task's exemplars (all 48 of the tiny test sets)
-    assert [r["batch"] for r in results] == [3 * 32, 3 * 48, 16, 32, 3 * 16]
+    # task's batch (a split smaller than a batch: all of it); LOT's closed form every task's
+    # exemplars (64, or the whole smaller split)
+    assert [r["batch"] for r in results] == [32 + 24 + 32, 48 + 24 + 48, 16, 32, 3 * 16]
     assert "ratio" in out.stdout
     # evaluation is timed over every task's whole test split, as a run scores it
-    assert (payload["evaluation"]["tasks"], payload["evaluation"]["images"]) == (3, 3 * 48)
+    assert (payload["evaluation"]["tasks"], payload["evaluation"]["images"]) == (3, 120)
     assert set(payload["peak_memory"]) == {"evaluation", "adamerging", "lot", "surgery",
                                            "tinting", "wemoe"}
     models = {(m["encoder"], m["tasks"], m["vectors_dtype"]): m["terms"]
-              for m in payload["memory_models"]}  # the README's ViT-L/14 x 20 row
+              for m in payload["memory_models"]}  # the README's rows
     assert models["clip_vit_l14", 20, "bf16"]["task vectors (20 x bf16)"] == \
         20 * 303_966_208 * 2
+    # vit8's real test sets (87,433 images at 224 x 224), as pool=stand_in would make them
+    assert models["clip_vit_b32", 8, "fp32"]["test pixels on the device (uint8)"] == \
+        87_433 * 224 * 224 * 3
+    assert models["clip_vit_b32", 3, "fp32"]["test pixels on the device (uint8)"] == \
+        120 * 32 * 32 * 3
+
+
+def test_merge_refuses_the_stand_in_pool_before_any_work(tmp_path):
+    from tintcli.errors import TintError
+    from tintcli.recipes.merge import check_run_config
+
+    with pytest.raises(TintError, match="pool=stand_in has random weights"):
+        check_run_config(compose_config(overrides=STAND_IN, tiny=False))
 
 
 def test_bench_times_every_registered_data_free_merge_on_stand_in_shapes(run_tint, tmp_path):

@@ -107,3 +107,29 @@ def test_memory_model_counts_the_real_encoders_and_activations():
         encoder(torch.randn(3, 3, 32, 32, requires_grad=True))
     real = sum(t.numel() * t.element_size() for t in saved.values())
     assert real <= activation_bytes(tiny, 3) <= 1.1 * real
+
+
+def test_the_test_pixels_stay_on_the_device_by_the_residency_rule(monkeypatch):
+    """runtime.resident_pixels on a (pretended) CUDA device with 8 GiB free: auto keeps pixels
+    that fit in a quarter of it and streams larger ones; always keeps them, and refuses in one
+    error line what cannot fit; never streams; the CPU keeps nothing "resident"."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from tintcli.errors import TintError
+    from tintcli.runtime import Runtime
+
+    gib = 1024 ** 3
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * gib, 80 * gib))
+    cuda = {rule: Runtime(torch.device("cuda"), resident_pixels=rule)
+            for rule in ("auto", "always", "never")}
+    assert cuda["auto"].keeps_resident(2 * gib) and not cuda["auto"].keeps_resident(3 * gib)
+    assert cuda["always"].keeps_resident(7 * gib)
+    with pytest.raises(TintError, match=r"^runtime.resident_pixels=always: the test pixels need "
+                                        r"9.00 GiB and cuda has 8.00 GiB free\n"):
+        cuda["always"].keeps_resident(9 * gib)
+    assert not cuda["never"].keeps_resident(1)
+    assert not Runtime(torch.device("cpu"), resident_pixels="always").keeps_resident(1)
+    with pytest.raises(TintError, match="runtime.resident_pixels=sometimes is not a choice"):
+        Runtime.create(torch.device("cpu"), OmegaConf.create({"mean": [0] * 3, "std": [1] * 3}),
+                       resident_pixels="sometimes")

@@ -12,7 +12,10 @@ Layer-wise adaptation (AdaMerging, Model Tinting) keeps, on the device:
   an upper bound: under AMP most of them are half precision, and fused attention on a GPU
   keeps no attention matrix;
 - the experts' logits on every adaptation image and Tinting's heads with their Adam state,
-  both small; the uint8 adaptation images only where they fit (else they stream from the host).
+  both small;
+- the test pixels (uint8, every task's: they are the adaptation images too) where
+  ``runtime.resident_pixels`` keeps them on the device: 13 GB for ViT-B/32's eight tasks at
+  224 × 224, more than everything else together.
 """
 
 from __future__ import annotations
@@ -68,10 +71,18 @@ class MemoryModel:
         return sum(self.terms.values())
 
 
+def pixel_bytes(encoder_cfg: DictConfig, images: int) -> int:
+    """uint8 pixels of ``images`` images at the encoder's input size."""
+    size = int(encoder_cfg.get("image_size") or encoder_cfg.timm_kwargs.img_size)
+    return images * size * size * 3
+
+
 def adaptation_memory(encoder_cfg: DictConfig, tasks: int, batch_size: int = 32,
-                      vectors_dtype: str = "fp32", classes: int = 1000) -> MemoryModel:
+                      vectors_dtype: str = "fp32", classes: int = 1000,
+                      pixels: int = 0) -> MemoryModel:
     """The device memory of one layer-wise adaptation step (see the module docstring);
-    ``classes``: total classes over the tasks (the experts' logits, the tinted heads)."""
+    ``classes``: total classes over the tasks (the experts' logits, the tinted heads);
+    ``pixels``: bytes of test pixels kept on the device (0: streamed from the host)."""
     encoder = meta_encoder(encoder_cfg)
     params = sum(p.numel() for p in encoder.parameters())
     width = int(encoder_cfg.get("num_classes") or 512)
@@ -83,6 +94,7 @@ def adaptation_memory(encoder_cfg: DictConfig, tasks: int, batch_size: int = 32,
         f"activations (batch {batch_size}, fp32)": activation_bytes(encoder_cfg, batch_size,
                                                                     encoder),
         "tinted heads + Adam (3 copies)": 3 * classes * width * 4,
+        "test pixels on the device (uint8)": pixels,
     }
     return MemoryModel(str(encoder_cfg.name), tasks, batch_size, vectors_dtype, terms)
 

@@ -10,7 +10,9 @@ Kinds (config group ``pool``):
 - ``hf``: Hugging Face CLIP checkpoints (FusionBench's): a base ``CLIPModel`` and one
   fine-tuned ``CLIPVisionModel`` per task, as hub ids or local ``save_pretrained`` folders;
 - ``local``: tint's own safetensors layout (``pretrained.safetensors``,
-  ``experts/<task>.safetensors``, ``heads/<task>.safetensors``).
+  ``experts/<task>.safetensors``, ``heads/<task>.safetensors``);
+- ``stand_in``: random weights and generated pixels at real size, for ``tint bench`` alone
+  (``tintcli/stand_in.py``).
 
 The task -> checkpoint table is checked before any merging: a task without a checkpoint, or a
 checkpoint whose keys or shapes do not match the encoder, fails naming the task and the file;
@@ -80,6 +82,10 @@ def load_pool(cfg: DictConfig, tasks: list[str], encoder: nn.Module, device: tor
         from tintcli.zoo import ensure_zoo
 
         return ensure_zoo(cfg.encoder, cfg.tasks, tasks, device, console)
+    if kind == "stand_in":  # tint bench's made-up pool at real size
+        from tintcli.stand_in import open_stand_in
+
+        return open_stand_in(cfg, tasks)
     return open_pool(cfg.pool, tasks, encoder, cfg.encoder.name, cfg.tasks)
 
 

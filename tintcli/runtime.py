@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from tintcli.errors import TintError
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+RESIDENCY = ("auto", "always", "never")  # runtime.resident_pixels
 
 
 def resolve_precision(name: object, device: torch.device) -> str:
@@ -33,6 +34,14 @@ def resolve_precision(name: object, device: torch.device) -> str:
         raise TintError(f"precision={name} is not one tint knows\n"
                         f"Use precision=auto, {', '.join(PRECISIONS)}.")
     return name
+
+
+def check_residency(value: object) -> str:
+    """``runtime.resident_pixels``: one of ``RESIDENCY``."""
+    if str(value) not in RESIDENCY:
+        raise TintError(f"runtime.resident_pixels={value} is not a choice tint knows\n"
+                        f"Use {', '.join(RESIDENCY)}.")
+    return str(value)
 
 
 class _Slices(torch.utils.data.Dataset):
@@ -58,13 +67,16 @@ class Runtime:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     batch_size: int = 512   # evaluation batch
     workers: int = 2        # background loaders (CUDA only; on the CPU they would compete)
+    resident_pixels: str = "auto"  # whether the test pixels live on the device (RESIDENCY)
 
     @classmethod
     def create(cls, device: torch.device, encoder_cfg: DictConfig, precision: object = "auto",
-               batch_size: int = 512, workers: int = 2) -> Runtime:
+               batch_size: int = 512, workers: int = 2,
+               resident_pixels: object = "auto") -> Runtime:
         return cls(device, resolve_precision(precision, device),
                    tuple(float(m) for m in encoder_cfg.mean),
-                   tuple(float(s) for s in encoder_cfg.std), int(batch_size), int(workers))
+                   tuple(float(s) for s in encoder_cfg.std), int(batch_size), int(workers),
+                   check_residency(resident_pixels))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
@@ -96,6 +108,24 @@ class Runtime:
             num_workers=self.workers, prefetch_factor=4 if self.workers else None)
         for batch in loader:
             yield self.inputs(batch)
+
+    def keeps_resident(self, nbytes: int) -> bool:
+        """Whether pixels of ``nbytes`` live on the device for the whole run (read there by
+        every evaluation and adaptation step, never copied again), by ``resident_pixels``.
+        On the CPU they are where the device reads them already."""
+        if self.device.type != "cuda" or self.resident_pixels == "never":
+            return False
+        if self.resident_pixels == "auto":
+            return self.fits(nbytes)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        if nbytes > 0.9 * free:
+            from tintcli.memory import size
+
+            raise TintError(f"runtime.resident_pixels=always: the test pixels need "
+                            f"{size(nbytes)} and {self.device} has {size(free)} free\nUse "
+                            "runtime.resident_pixels=auto (they stream from the host where "
+                            "they do not fit), or a smaller task set.")
+        return True
 
     def fits(self, nbytes: int, share: float = 0.25) -> bool:
         """Whether ``nbytes`` can live on the device (CUDA: within ``share`` of free memory)."""

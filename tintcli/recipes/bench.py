@@ -28,6 +28,7 @@ from tintcli.errors import TintError
 from tintcli.io import StateDict, encoder_entries, on_device, write_json
 from tintcli.methods import Method, check_parameters, registered
 from tintcli.recipes.common import Workbench
+from tintcli.stand_in import stand_in_checkpoints
 from tintcli.tracking import versions
 
 TARGET_RATIO = 1.3
@@ -113,7 +114,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
         dtype = torch.bfloat16 if shape.get("dtype", "bf16") == "bf16" else torch.float32
         with console.status(f"making random {shape.encoder} × {shape.tasks} checkpoints "
                             f"on {device}"):
-            pretrained, experts = stand_in(encoder_cfg, int(shape.tasks), dtype, device=device)
+            pretrained, experts = stand_in_checkpoints(encoder_cfg, int(shape.tasks), dtype,
+                                                       device=device)
         merges += merge_costs(pretrained, experts, f"{shape.encoder} × {shape.tasks} "
                               f"({shape.get('dtype', 'bf16')}, random)", console,
                               cfg.get("merge_methods"))
@@ -121,8 +123,9 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
 
     results = [{"step": name, "batch": size, "adaptive_s": ours, "plain_s": base,
                 "ratio": ours / base, "steps_per_s": 1 / ours} for name, size, ours, base in rows]
+    pixels = sum(s.images.numel() for s in bench.test_data.values()) if tasks else 0
     models = memory_models(cfg, len(tasks) or 8, adaptive["tinting"][1].get("batch_size", 32)
-                           if "tinting" in adaptive else 32)
+                           if "tinting" in adaptive else 32, pixels)
     learned = learned_memory_models(cfg, len(tasks) or 8)
     payload = {"command": "bench", "parts": sorted(parts), "device": str(device),
                "device_name": device_name(device), "encoder": cfg.encoder.name,
@@ -251,23 +254,6 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def stand_in(encoder_cfg: DictConfig, tasks: int, dtype: torch.dtype, seed: int = 0,
-             device: torch.device | str = "cpu") -> tuple[StateDict, dict[str, StateDict]]:
-    """Random checkpoints of an encoder's real shapes (no download): θ0 and ``tasks`` experts
-    θ0 + τ with small random τ, in ``dtype`` (bf16 halves an L/14 × 20 pool: 12 GB), made on
-    ``device``."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    pretrained = {k: v.to(device, dtype if v.is_floating_point() else v.dtype)
-                  for k, v in build_encoder(encoder_cfg).state_dict().items()}
-    experts = {}
-    for t in range(tasks):
-        experts[f"task{t}"] = {k: (v + 1e-3 * torch.randn(v.shape, generator=generator,
-                                                           device=device).to(dtype))
-                               if v.is_floating_point() else v
-                               for k, v in pretrained.items()}
-    return pretrained, experts
-
-
 def merge_table(costs: list[dict], title: str) -> Table:
     table = Table(title=title, title_justify="left",
                   caption="one merge, timed once; a validation grid costs grid merges (one Δ "
@@ -346,27 +332,42 @@ def _peak(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # KiB on Linux
 
 
-def memory_models(cfg: DictConfig, tasks: int, batch_size: int) -> list[dict]:
-    """The adaptation memory model for this encoder and task count, and for each
-    ``memory_model`` entry of the config (e.g. ViT-L/14 x 20), in both vector dtypes."""
+def memory_models(cfg: DictConfig, tasks: int, batch_size: int, pixels: int = 0
+                  ) -> list[dict]:
+    """The adaptation memory model for this encoder and task count (``pixels``: the bytes of
+    this run's test pixels), and for each ``memory_model`` entry of the config (e.g.
+    ViT-L/14 × vit20), in both vector dtypes; the pixels counted as if kept on the device."""
     from tintcli.memory import adaptation_memory
 
     out = []
-    for encoder_cfg, count in _memory_shapes(cfg, tasks):
+    for encoder_cfg, count, images in _memory_shapes(cfg, tasks, pixels):
         for dtype in ("fp32", "bf16"):
-            model = adaptation_memory(encoder_cfg, count, batch_size, dtype)
+            model = adaptation_memory(encoder_cfg, count, batch_size, dtype, pixels=images)
             out.append({"encoder": model.encoder, "tasks": count, "batch": batch_size,
                         "vectors_dtype": dtype, "terms": model.terms, "total": model.total})
     return out
 
 
-def _memory_shapes(cfg: DictConfig, tasks: int) -> list[tuple[DictConfig, int]]:
-    """(encoder config, tasks): this run's, then each ``memory_model`` entry's."""
+def _memory_shapes(cfg: DictConfig, tasks: int, pixels: int = 0
+                   ) -> list[tuple[DictConfig, int, int]]:
+    """(encoder config, tasks, bytes of test pixels): this run's, then each ``memory_model``
+    entry's. An entry's ``tasks`` is a count, or a task set (vit8: its tasks and their real
+    test-set sizes, as ``pool=stand_in`` makes them)."""
     from hydra import compose
 
-    return [(cfg.encoder, tasks)] + [
-        (compose(config_name=f"encoder/{item.encoder}").encoder, int(item.tasks))
-        for item in cfg.get("memory_model") or []]
+    from tintcli.memory import pixel_bytes
+    from tintcli.stand_in import test_image_counts
+
+    out = [(cfg.encoder, tasks, pixels)]
+    for item in cfg.get("memory_model") or []:
+        encoder_cfg = compose(config_name=f"encoder/{item.encoder}").encoder
+        if isinstance(item.tasks, int):
+            out.append((encoder_cfg, int(item.tasks), 0))
+            continue
+        tasks_cfg = compose(config_name=f"tasks/{item.tasks}").tasks
+        counts = test_image_counts(tasks_cfg, [str(t) for t in tasks_cfg.names])
+        out.append((encoder_cfg, len(counts), pixel_bytes(encoder_cfg, sum(counts.values()))))
+    return out
 
 
 def learned_memory_models(cfg: DictConfig, tasks: int) -> list[dict]:
@@ -375,7 +376,7 @@ def learned_memory_models(cfg: DictConfig, tasks: int) -> list[dict]:
     from tintcli.memory import surgery_memory, wemoe_memory
 
     out = []
-    for encoder_cfg, count in _memory_shapes(cfg, tasks):
+    for encoder_cfg, count, _ in _memory_shapes(cfg, tasks):
         for dtype in ("fp32", "bf16"):
             for method, model in (("wemoe", wemoe_memory(encoder_cfg, count,
                                                          vectors_dtype=dtype)),
@@ -427,7 +428,8 @@ def memory_table(peaks: dict[str, int], models: list[dict], device: torch.device
     measured = ", ".join(f"after {name} {peak / GiB:.2f}" for name, peak in peaks.items())
     table = Table(title="adaptation memory model, GiB (tintcli/memory.py)", title_justify="left",
                   caption=f"measured here ({kind}, GiB): {measured}\nactivations: one batch, "
-                          "fp32 (an upper bound under AMP)")
+                          "fp32 (an upper bound under AMP); test pixels: as if kept on the "
+                          "device (runtime.resident_pixels)")
     table.add_column("encoder × tasks")
     table.add_column("vectors")
     names = list(models[0]["terms"]) if models else []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -19,6 +19,7 @@ from tintcli.merged import Merged
 from tintcli.paths import cache_dir
 from tintcli.pools import Pool, check_experts_beat_zero_shot, load_pool
 from tintcli.runtime import PRECISIONS, Runtime
+from tintcli.stand_in import StandInPool
 from tintcli.tasks import TaskSplit, check_image_size, load_split, task_names
 from tintcli.zoo import Zoo
 
@@ -49,18 +50,23 @@ class Workbench:
         the recipe seeded torch, whose generator its initialisation draws from, as always.)"""
         device = resolve_device(cfg.device)
         runtime = Runtime.create(device, cfg.encoder, cfg.get("precision", "auto"),
-                                 *_eval_settings(cfg))
+                                 *_eval_settings(cfg),
+                                 (cfg.get("runtime") or {}).get("resident_pixels", "auto"))
         encoder = build_encoder(cfg.encoder)
         tasks = checked_tasks
         if tasks is None:
             tasks = task_names(cfg.tasks)
             check_image_size(encoder, cfg.tasks, cfg.encoder)
         pool = load_pool(cfg, tasks, encoder, device, console)
-        test = {t: load_split(cfg.tasks, cfg.encoder, t, "test", console) for t in tasks}
+        test = pool.test_splits() if isinstance(pool, StandInPool) else {  # generated
+            t: load_split(cfg.tasks, cfg.encoder, t, "test", console) for t in tasks}
         with console.status(f"loading the {pool.kind} pool's checkpoints"):
             pretrained = pool.pretrained()
             experts = {t: pool.expert(t, pretrained) for t in tasks}
             heads = {t: pool.head(t) for t in tasks}
+        if runtime.keeps_resident(sum(s.images.numel() for s in test.values())):
+            with console.status(f"copying the test pixels to {device}"):
+                test = {t: replace(s, images=s.images.to(device)) for t, s in test.items()}
         # the data the pool measured its accuracies on (the zoo: these very splits), else
         # the test data, on which the workbench measures them
         digests = pool.data_digests() or {t: {"test": test[t].digest} for t in tasks}
@@ -148,12 +154,17 @@ class Workbench:
             return self.expert_accuracy
         return {t: self.score(self.experts[t], split, [t])[t] for t in self.tasks}
 
+    @property
+    def pixels_resident(self) -> bool:
+        """Whether the test pixels live on the device (``runtime.resident_pixels``)."""
+        return all(s.images.device == self.device for s in self.test_data.values()) \
+            and self.device.type == "cuda"
+
     def adaptation_context(self, seed: int) -> AdaptationContext:
         """Test-time adaptation uses each task's unlabeled test images, as in the papers:
-        uint8 from the pixel cache, kept on the device when they fit there."""
+        uint8, where the test pixels are (on the device when ``runtime.resident_pixels`` put
+        them there: one copy serves evaluation and adaptation)."""
         images = {t: self.test_data[t].images for t in self.tasks}
-        if self.runtime.fits(sum(x.numel() for x in images.values())):
-            images = {t: x.to(self.device) for t, x in images.items()}
         dtype = str(self.cfg.get("vectors_dtype", "fp32")) if self.cfg is not None else "fp32"
         labels = {t: self.test_data[t].labels for t in self.tasks}  # for an oracle alone
         return AdaptationContext(self.encoder, self.heads, images, self.runtime, seed,

@@ -33,8 +33,9 @@ from tintcli.methods import adapt, check_parameters, get_method
 from tintcli.objective import check_objective
 from tintcli.recipes.common import Workbench
 from tintcli.report import progress_bar, realism_text, results_table
-from tintcli.runtime import resolve_precision
+from tintcli.runtime import check_residency, resolve_precision
 from tintcli.selection import choose
+from tintcli.stand_in import check_not_stand_in
 from tintcli.tasks import check_image_size, describe, task_names
 from tintcli.tracking import (
     ERROR,
@@ -96,9 +97,11 @@ def check_run_config(cfg: DictConfig) -> list[str]:
                 and (value > 0 or key == "workers")):
             raise TintError(f"eval.{key}={value} must be a whole number "
                             f"{'>= 0' if key == 'workers' else '>= 1'}")
+    check_residency((cfg.get("runtime") or {}).get("resident_pixels", "auto"))
     if not isinstance((cfg.get("eval") or {}).get("validation", False), bool):
         raise TintError(f"eval.validation={cfg.eval.validation} must be true or false")
     tasks = task_names(cfg.tasks)
+    check_not_stand_in(cfg)
     if cfg.tasks.source == "hub" and cfg.pool.kind == "synth":
         raise TintError(f"tasks={cfg.tasks.name} holds real datasets, but pool=synth has only "
                         "tint's own synthetic experts\nPick a pool of real checkpoints with its "
@@ -196,6 +199,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
         "seed": cfg.seed,
         "device": str(bench.device),
         "precision": bench.runtime.precision,
+        "pixels_on_device": bench.pixels_resident,  # runtime.resident_pixels, as it resolved
         "versions": versions(),
         "pool": OmegaConf.to_container(cfg.pool, resolve=True) if "pool" in cfg else None,
         "checkpoints": bench.pool.checkpoint_hashes(),
