@@ -11,6 +11,7 @@ from torch.func import functional_call
 
 from tintcli.adaptation import LambdaMerger, pseudo_label_loss
 from tintcli.adaptation.adamerging import AdaMerging, entropy
+from tintcli.adaptation.losses import LOSSES
 from tintcli.adaptation.samplers import keep_all, keep_confident
 from tintcli.adaptation.tinting import Tinting
 from tintcli.errors import TintError
@@ -293,7 +294,7 @@ def test_tinting_takes_no_step_when_no_sample_is_kept(bench):
     run.loss_fn = lambda logits, features, targets: pseudo_label_loss(
         logits.float(), targets, lambda merged, expert: torch.zeros(len(expert),
                                                                     dtype=torch.bool))
-    assert run.step("digits") == 0.0
+    assert float(run.step("digits")) == 0.0
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
     assert run.steps_done == 2
 
@@ -419,7 +420,7 @@ def test_each_symerge_loss_learns_from_its_own_target(bench, loss):
     expected = {"l1feature": lambda: (z - features[:16]).abs().mean(),
                 "selfentropy": lambda: entropy(logits),
                 "crossgt": lambda: torch.nn.functional.cross_entropy(logits, targets)}[loss]()
-    assert run.step(task, (x, targets)) == pytest.approx(expected.item(), rel=1e-5)
+    assert float(run.step(task, (x, targets))) == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_symerge_is_model_tinting_pp_under_its_final_name_and_crossgt_needs_oracle(bench):
@@ -528,7 +529,7 @@ def test_prob_surgery_samples_the_correction_adds_its_kl_and_evaluates_with_the_
         corrected, kl = run.adapters[task].train_forward(features, replay)
     expected = torch.nn.functional.l1_loss(corrected, targets) + 0.5 * kl
     assert float(kl) > 0.01
-    assert run.step(task, (features, targets)) == pytest.approx(float(expected), rel=1e-5)
+    assert float(run.step(task, (features, targets))) == pytest.approx(float(expected), rel=1e-5)
     # saved as a head, it comes back as ProbSurgery's adapter (evaluating with the mean)
     head = run.result().heads[task]
     back = SurgeryHead.from_state_dict(head.state_dict())
@@ -568,3 +569,46 @@ def test_surgery_refuses_the_lambdas_of_another_encoder_or_a_task_wise_run(bench
                                         r"\(it has no layer 'all'\)"):
         check_parameters("surgery", {"lambdas": str(tmp_path / "task" / "lambdas.safetensors")},
                          bench.encoder)
+
+
+def _device_reads(run, step) -> list[str]:
+    """The reads back from the device that ``step()`` makes, as torch dispatches them: a
+    tensor's value read on the host (``.item()``, ``int()``, ``bool()``, a Python ``if`` on
+    one) or a boolean mask indexed with (its count is read). On a GPU each one waits for every
+    kernel queued before it. Adam's step counters (CPU tensors by design) aside."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counters = {id(s["step"]) for s in run.optimizer.state.values()}
+    seen: list[str] = []
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default and id(args[0]) not in \
+                    counters:
+                seen.append("a value read")
+            if func is torch.ops.aten.index.Tensor and any(
+                    i is not None and i.dtype == torch.bool for i in args[1]):
+                seen.append("a boolean mask")
+            if func is torch.ops.aten.nonzero.default:
+                seen.append("nonzero")
+            return func(*args, **(kwargs or {}))
+
+    with Reads():
+        step()
+    return seen
+
+
+def test_a_model_tinting_step_never_waits_for_the_device(bench):
+    """Model Tinting's step (its default loss) keeps its loss on the device, draws its batch
+    from a permutation already there, and reads nothing back: the host can queue the next
+    step while the GPU runs this one (the epoch reads its losses back once, and checks them).
+    Tinting++'s confidence sampler still reads its mask (indexing with it, counting it):
+    what is left to do on a GPU (as a per-sample weight it would change the CPU's numbers in
+    their last bits)."""
+    context = bench.adaptation_context(seed=0)
+    run = Tinting(bench.pretrained, bench.experts, context, sampler="all")
+    run.step("digits")  # Adam's state exists from here on
+    assert _device_reads(run, lambda: run.step("digits")) == []
+    run.loss_fn = LOSSES["crosspseudoconf"]
+    assert _device_reads(run, lambda: run.step("digits")) == ["a boolean mask"] * 2 + [
+        "a value read"]

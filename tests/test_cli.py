@@ -344,14 +344,14 @@ def test_bench_times_every_registered_data_free_merge_on_stand_in_shapes(run_tin
     from tintcli.methods import registered
 
     out = run_tint("bench", "parts=[merges]", "device=cpu",
-                   "merge_shapes=[{encoder: synth_vit, tasks: 3, dtype: fp32}]",
+                   "merge_shapes=[{encoder: synth_vit_tiny, tasks: 3, dtype: fp32}]",
                    f"hydra.run.dir={tmp_path / 'b'}")
     assert out.returncode == 0, out.stderr
     payload = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert payload["evaluation"] is None and payload["results"] == []
     data_free = {n for n, m in registered().items() if not m.adaptive}
     assert {m["method"] for m in payload["merges"]} == data_free
-    assert all(m["merge_s"] > 0 and "synth_vit × 3" in m["where"] for m in payload["merges"])
+    assert all(m["merge_s"] > 0 and "synth_vit_tiny × 3" in m["where"] for m in payload["merges"])
     from omegaconf import OmegaConf
 
     from tintcli.errors import TintError

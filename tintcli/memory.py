@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 GiB = 1024 ** 3
 
@@ -36,10 +36,23 @@ def meta_encoder(encoder_cfg: DictConfig) -> torch.nn.Module:
         return build_encoder(encoder_cfg)
 
 
+_COUNTED: dict[tuple, int] = {}  # activation_bytes by (model, encoder config, batch)
+
+
 def activation_bytes(encoder_cfg: DictConfig, batch_size: int,
-                     encoder: torch.nn.Module | None = None) -> int:
+                     encoder: torch.nn.Module | None = None, model: str = "encoder") -> int:
     """Bytes autograd saves for the backward of one forward over ``batch_size`` images
-    (float32), counted on the meta device: each saved tensor once."""
+    (float32), counted on the meta device: each saved tensor once. Counted once per
+    ``model`` (what ``encoder`` is: the plain encoder, or a method's model built on it),
+    encoder config and batch size (the vectors' dtype does not change it)."""
+    key = (model, OmegaConf.to_yaml(encoder_cfg), batch_size)
+    if key not in _COUNTED:
+        _COUNTED[key] = _count_saved(encoder_cfg, batch_size, encoder)
+    return _COUNTED[key]
+
+
+def _count_saved(encoder_cfg: DictConfig, batch_size: int,
+                 encoder: torch.nn.Module | None) -> int:
     encoder = encoder if encoder is not None else meta_encoder(encoder_cfg)
     size = int(encoder_cfg.get("image_size") or encoder_cfg.timm_kwargs.img_size)
     x = torch.empty(batch_size, 3, size, size, device="meta", requires_grad=True)
@@ -123,8 +136,8 @@ def wemoe_memory(encoder_cfg: DictConfig, tasks: int, batch_size: int = 16,
         f"routed MLPs: θ0 + {tasks} task vectors ({vectors_dtype})":
             mlp_params * 4 + tasks * mlp_params * vector_bytes,
         "routers + gradient + Adam (4 copies)": 4 * router_params * 4,
-        f"activations (batch {batch_size}, fp32)": activation_bytes(encoder_cfg, batch_size,
-                                                                    model),
+        f"activations (batch {batch_size}, fp32)": activation_bytes(
+            encoder_cfg, batch_size, model, f"wemoe {tasks} tasks, blocks {blocks}"),
     }
     out = MemoryModel(str(encoder_cfg.name), tasks, batch_size, vectors_dtype, terms)
     out.parameters = {"encoder": params,

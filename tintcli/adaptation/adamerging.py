@@ -21,6 +21,7 @@ from tintcli.adaptation import (
     Adapted,
     check_common,
     check_finite,
+    read_losses,
 )
 from tintcli.adaptation.losses import entropy
 from tintcli.checks import number, one_of, whole
@@ -57,14 +58,17 @@ class AdaMerging(AdaptationRun):
         keys = self.encoder_keys
         leaves = {k: merged[k].detach().requires_grad_() for k in keys}
         weights = {**encoder_entries(merged), **leaves}
-        total = 0.0
+        losses = []
         for task in self.tasks:
             with self.autocast():
                 logits = self.heads[task](functional_call(self.encoder, weights, (images[task],)))
             loss = entropy(logits)
-            check_finite(loss, self.name, self.steps_done + 1, task)
             self.scaler.scale(loss).backward()
-            total += loss.item()
+            losses.append(loss.detach())
+        total = 0.0
+        for task, loss in zip(self.tasks, read_losses(losses), strict=True):  # one read
+            check_finite(loss, self.name, self.steps_done + 1, task)
+            total += loss
         self.optimizer.zero_grad()
         torch.autograd.backward([merged[k] for k in keys], [leaves[k].grad for k in keys])
         self.optimizer_step(self.optimizer)

@@ -135,10 +135,15 @@ class BatchStream:
     is a new permutation (like a shuffled DataLoader); a short remainder is dropped. Its state
     (the current permutation, the position in it) is explicit, for checkpoints."""
 
-    def __init__(self, count: int, batch_size: int, generator: torch.Generator):
+    def __init__(self, count: int, batch_size: int, generator: torch.Generator,
+                 device: torch.device | str = "cpu"):
         self.count, self.batch_size, self.generator = count, min(batch_size, count), generator
         self.order: torch.Tensor | None = None  # drawn when the first batch is
         self.position = 0
+        # the permutation where the samples are, copied once a pass (a copy per batch would
+        # make the host wait for the device at every step)
+        self.device = torch.device(device)
+        self.on_device: torch.Tensor | None = None
 
     def __iter__(self) -> BatchStream:
         return self
@@ -146,8 +151,11 @@ class BatchStream:
     def __next__(self) -> torch.Tensor:
         if self.order is None or self.position + self.batch_size > self.count:
             self.order, self.position = torch.randperm(self.count, generator=self.generator), 0
+            self.on_device = None
+        if self.on_device is None:
+            self.on_device = self.order.to(self.device)
         self.position += self.batch_size
-        return self.order[self.position - self.batch_size : self.position]
+        return self.on_device[self.position - self.batch_size : self.position]
 
     def state(self) -> dict[str, Any]:
         return {"order": self.order, "position": self.position}  # order is replaced, never edited
@@ -158,7 +166,7 @@ class BatchStream:
                                   or not 0 <= position <= self.count):
             raise ValueError(f"a batch stream over {len(order)} samples at {position}, not over "
                              f"{self.count}")
-        self.order, self.position = order, position
+        self.order, self.position, self.on_device = order, position, None
 
 
 def check_common(params: Mapping[str, object]) -> None:
@@ -171,13 +179,26 @@ def check_common(params: Mapping[str, object]) -> None:
     number(params, "lam_init", 0, 1, must="in [0, 1] (lambdas are clamped there)")
 
 
-def check_finite(loss: torch.Tensor, method: str, step: int, task: str) -> None:
-    """Stop at once, naming where, when adaptation diverges (NaN or inf loss)."""
-    value = loss.detach().item()
+def check_finite(loss: torch.Tensor | float, method: str, step: int, task: str) -> None:
+    """Stop, naming where, when adaptation diverges (NaN or inf loss). Given a loss read back
+    by ``read_losses`` it costs nothing; given a device tensor, it waits for the device."""
+    value = loss.detach().item() if isinstance(loss, torch.Tensor) else float(loss)
     if not math.isfinite(value):
         raise TintError(f"{method}: the adaptation loss is {value} at step {step} on task "
                         f"'{task}'\nCheck that task's expert checkpoint for NaN/inf weights, or "
                         "lower the method's lr.")
+
+
+def read_losses(losses: list[torch.Tensor | float]) -> list[float]:
+    """Losses kept on the device as steps were taken, read back in one transfer (those on the
+    CPU, as a resumed checkpoint gives them, are read where they are). A step that read its
+    loss at once would make the host wait for the device at every step; this waits once."""
+    def on_device(loss: object) -> bool:
+        return isinstance(loss, torch.Tensor) and loss.device.type != "cpu"
+
+    tensors = [loss.detach().float() for loss in losses if on_device(loss)]
+    values = iter(torch.stack(tensors).tolist() if tensors else [])
+    return [next(values) if on_device(loss) else float(loss) for loss in losses]
 
 
 # What an adaptive method returns: the one result type of every method (tintcli/merged.py).
@@ -213,8 +234,8 @@ class AdaptationRun:
         self.scaler = torch.amp.GradScaler(context.device.type,
                                            enabled=context.runtime.precision == "fp16")
         self.generator = context.generator()
-        self.streams = {t: BatchStream(len(context.images[t]), batch_size, self.generator)
-                        for t in self.tasks}
+        self.streams = {t: BatchStream(len(context.images[t]), batch_size, self.generator,
+                                       context.images[t].device) for t in self.tasks}
         self.steps_done = 0
         self.curve: list[float] = []
         self.updating = False  # from an optimiser update to the end of its step
@@ -334,18 +355,24 @@ class EpochRun(AdaptationRun):
     def epoch_order(self) -> list[str]:
         raise NotImplementedError
 
-    def step(self, task: str) -> float:
+    def step(self, task: str) -> torch.Tensor | float:
         raise NotImplementedError
 
     def advance(self) -> float | None:
         """The epoch's next task's step (an epoch's order is drawn at its start); an epoch's
-        last step adds the epoch's mean loss to the curve, and returns it."""
+        last step reads its steps' losses back from the device at once (each step keeps its
+        loss there: no step waits for the device), stops if one is NaN or inf, and adds the
+        epoch's mean loss to the curve, and returns it."""
         if not self.epoch:
             self.epoch, self.epoch_losses = self.epoch_order(), []
         self.epoch_losses.append(self.step(self.epoch[len(self.epoch_losses)]))
         if len(self.epoch_losses) < len(self.epoch):
             return None
-        self.curve.append(sum(self.epoch_losses) / len(self.epoch_losses))
+        losses = read_losses(self.epoch_losses)
+        first = self.steps_done - len(losses) + 1
+        for i, (task, loss) in enumerate(zip(self.epoch, losses, strict=True)):
+            check_finite(loss, self.name, first + i, task)
+        self.curve.append(sum(losses) / len(losses))
         self.epoch = []
         return self.curve[-1]
 
@@ -355,4 +382,5 @@ class EpochRun(AdaptationRun):
 
     def load_progress(self, progress: Mapping[str, Any]) -> None:
         super().load_progress(progress)
-        self.epoch, self.epoch_losses = list(progress["epoch"]), list(progress["epoch_losses"])
+        self.epoch = list(progress["epoch"])
+        self.epoch_losses = list(progress["epoch_losses"])  # (tensors, on the CPU)

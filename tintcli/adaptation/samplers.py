@@ -33,9 +33,13 @@ SAMPLERS: dict[str, Sampler] = {"all": keep_all, "confidence": keep_confident}
 def pseudo_label_loss(merged_logits: torch.Tensor, expert_logits: torch.Tensor,
                       sampler: Sampler) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy to the expert's argmax over the kept samples, and how many were
-    kept. A batch where nothing is kept gives a zero loss (no gradient), never a NaN."""
-    keep = sampler(merged_logits, expert_logits)
+    kept. A batch where nothing is kept gives a zero loss (no gradient), never a NaN. Every
+    sample kept (``keep_all``) needs no mask and no count read back from the device."""
     targets = expert_logits.argmax(-1)
+    if sampler is keep_all:
+        return F.cross_entropy(merged_logits, targets, reduction="sum") / len(targets), \
+            len(targets)
+    keep = sampler(merged_logits, expert_logits)
     total = F.cross_entropy(merged_logits[keep], targets[keep], reduction="sum")
     kept = int(keep.sum())
     return total / max(kept, 1), kept

@@ -44,7 +44,6 @@ from tintcli.adaptation.run import (
     Adapted,
     EpochRun,
     check_common,
-    check_finite,
 )
 from tintcli.checks import number, whole
 from tintcli.errors import TintError
@@ -230,19 +229,19 @@ class Surgery(EpochRun):
             self.features[task].device)
         return self.features[task][index], self.targets[task][index]
 
-    def step(self, task: str, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
+    def step(self, task: str, batch: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> torch.Tensor:
         """One step on one task's batch: its adapter on the frozen features, L1 to the
-        expert's features."""
+        expert's features. The loss stays on the device (the epoch reads and checks it)."""
         features, targets = self.next_batch(task) if batch is None else batch
         with self.autocast():
             corrected, penalty = self.adapters[task].train_forward(features, self.generator)
         loss = F.l1_loss(corrected.float(), targets) + self.kl_weight * penalty
-        check_finite(loss, self.name, self.steps_done + 1, task)
         self.steps_done += 1
         self.optimizer.zero_grad(set_to_none=not self.momentum_all_tasks)
         self.scaler.scale(loss).backward()
         self.optimizer_step(self.optimizer)
-        return loss.item()
+        return loss.detach()
 
     def trained(self) -> dict[str, nn.Module]:
         return {"adapters": self.adapters}

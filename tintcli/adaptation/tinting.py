@@ -32,7 +32,6 @@ from tintcli.adaptation import (
     Adapted,
     EpochRun,
     check_common,
-    check_finite,
 )
 from tintcli.adaptation.losses import LOSSES, ORACLES, TARGETS
 from tintcli.checks import one_of, whole
@@ -135,8 +134,11 @@ class Tinting(EpochRun):
             return self.images(task, index), None
         return self.images(task, index), self.targets[task][index.to(self.targets[task].device)]
 
-    def step(self, task: str, batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> float:
-        """One step on one task's batch: merge on the device, forward, one backward."""
+    def step(self, task: str, batch: tuple[torch.Tensor, torch.Tensor] | None = None
+             ) -> torch.Tensor:
+        """One step on one task's batch: merge on the device, forward, one backward. The
+        loss stays on the device (the epoch reads its losses back at once, and checks them):
+        with the default loss nothing in the step waits for the device."""
         images, targets = self.next_batch(task) if batch is None else batch
         merged = self.merger()
         weights = {**encoder_entries(merged), **self._tinted(merged, task)}
@@ -144,14 +146,13 @@ class Tinting(EpochRun):
             features = functional_call(self.encoder, weights, (images,))
             logits = self.heads[task](features)
         loss, kept = self.loss_fn(logits, features, targets)
-        check_finite(loss, self.name, self.steps_done + 1, task)
         self.steps_done += 1
         if kept == 0:  # nothing to learn from: Adam's momentum alone must not move anything
-            return 0.0
+            return loss.detach()  # (zero)
         self.optimizer.zero_grad()
         self.scaler.scale(loss).backward()
         self.optimizer_step(self.optimizer)
-        return loss.item()
+        return loss.detach()
 
     def benchmark(self, plain: nn.Module) -> tuple[str, int, Callable, Callable]:
         """What ``tint bench`` times: one step on one task's batch, and a plain

@@ -38,6 +38,7 @@ from tintcli.adaptation.run import (
     Adapted,
     check_common,
     check_finite,
+    read_losses,
 )
 from tintcli.checks import number, one_of, whole
 from tintcli.io import StateDict, encoder_entries
@@ -230,7 +231,7 @@ class WEMoE(AdaptationRun):
         images = self.next_batches() if images is None else images
         set_routing(self.model, self.routing)
         self.optimizer.zero_grad()
-        total, weights = 0.0, []
+        losses, weights = [], []
         hooks = [m.router.register_forward_hook(
             lambda _m, _i, out: weights.append(out.detach().float().mean((0, 1))))
             for m in self.routed.values()]
@@ -238,13 +239,16 @@ class WEMoE(AdaptationRun):
             for task in self.tasks:
                 with self.autocast():
                     loss = entropy(self.heads[task](self.model(images[task])))
-                check_finite(loss, self.name, self.steps_done + 1, task)
                 self.scaler.scale(loss).backward()
-                total += loss.item()
+                losses.append(loss.detach())
         finally:
             for hook in hooks:
                 hook.remove()
             set_routing(self.model, "sample")
+        total = 0.0
+        for task, value in zip(self.tasks, read_losses(losses), strict=True):  # one read
+            check_finite(value, self.name, self.steps_done + 1, task)
+            total += value
         self.optimizer_step(self.optimizer)
         self.scheduler.step()
         self.steps_done += 1

@@ -123,10 +123,12 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
 
     results = [{"step": name, "batch": size, "adaptive_s": ours, "plain_s": base,
                 "ratio": ours / base, "steps_per_s": 1 / ours} for name, size, ours, base in rows]
-    pixels = sum(s.images.numel() for s in bench.test_data.values()) if tasks else 0
-    models = memory_models(cfg, len(tasks) or 8, adaptive["tinting"][1].get("batch_size", 32)
-                           if "tinting" in adaptive else 32, pixels)
-    learned = learned_memory_models(cfg, len(tasks) or 8)
+    models, learned = [], []  # (printed with the evaluation and adaptation parts)
+    if parts & {"evaluation", "adaptation"}:
+        pixels = sum(s.images.numel() for s in bench.test_data.values())
+        models = memory_models(cfg, len(tasks), adaptive["tinting"][1].get("batch_size", 32)
+                               if "tinting" in adaptive else 32, pixels)
+        learned = learned_memory_models(cfg, len(tasks))
     payload = {"command": "bench", "parts": sorted(parts), "device": str(device),
                "device_name": device_name(device), "encoder": cfg.encoder.name,
                "precision": precision, "tasks": tasks,
