@@ -53,3 +53,44 @@ def run_tint(tiny_cache, tmp_path):
                               text=True, timeout=600)
 
     return run
+
+
+@pytest.fixture
+def tint_here(tiny_cache, tmp_path, monkeypatch):
+    """`tint` as ``run_tint`` runs it (the same arguments, exit code, stdout and stderr), but
+    in this process: no second start of torch, timm and transformers (~3 s a call). For
+    tests of what a command does, not of the process (signals, parallel runs keep run_tint)."""
+    import contextlib
+    import io
+    import signal
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    import tintcli.cli as cli
+    from tintcli import tracking
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "200")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        for state in (cli.COMMAND, cli.RUN_DIRS, cli.FAILED):
+            state.clear()
+        tracking.SWEEP.clear()
+        handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        argv, out, err = sys.argv, io.StringIO(), io.StringIO()
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = cli.main(list(args))
+                except SystemExit as exit_:
+                    code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            sys.argv = argv
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+            GlobalHydra.instance().clear()
+            cli.IN_MAIN = False
+        return subprocess.CompletedProcess(["tint", *args], code, out.getvalue(),
+                                           err.getvalue())
+
+    return run

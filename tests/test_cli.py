@@ -55,7 +55,7 @@ def test_merge_runs_the_table_and_records_everything(run_tint, tmp_path):
     assert (run_dir / "results.json").read_bytes() == before
 
 
-def test_single_method_matches_the_python_api(run_tint, tmp_path, tiny_cache):
+def test_single_method_matches_the_python_api(tint_here, tmp_path, tiny_cache):
     import torch
     from conftest import compose_config
 
@@ -66,7 +66,7 @@ def test_single_method_matches_the_python_api(run_tint, tmp_path, tiny_cache):
     from tintcli.tasks import load_split, task_names
     from tintcli.zoo import ensure_zoo
 
-    out = run_tint("merge", *TINY, "method=task_arithmetic", "method.lam=0.7",
+    out = tint_here("merge", *TINY, "method=task_arithmetic", "method.lam=0.7",
                    f"hydra.run.dir={tmp_path / 'ta'}")
     assert out.returncode == 0, out.stderr
     row = json.loads((tmp_path / "ta" / "results.json").read_text())["rows"][-1]
@@ -84,9 +84,9 @@ def test_single_method_matches_the_python_api(run_tint, tmp_path, tiny_cache):
     assert row["accuracy"] == acc
 
 
-def test_multirun_sweep_prints_and_writes_a_summary(run_tint, tmp_path):
+def test_multirun_sweep_prints_and_writes_a_summary(tint_here, tmp_path):
     sweep = tmp_path / "sweep"
-    out = run_tint("merge", "-m", *TINY, "method=task_arithmetic", "method.lam=0.1,0.9",
+    out = tint_here("merge", "-m", *TINY, "method=task_arithmetic", "method.lam=0.1,0.9",
                    f"hydra.sweep.dir={sweep}")
     assert out.returncode == 0, out.stderr
     summary = json.loads((sweep / "sweep.json").read_text())
@@ -95,8 +95,8 @@ def test_multirun_sweep_prints_and_writes_a_summary(run_tint, tmp_path):
     assert (sweep / "0" / "results.json").exists() and (sweep / "1" / "results.json").exists()
 
 
-def test_cfg_job_prints_the_composed_config_without_running(run_tint, tmp_path):
-    out = run_tint("merge", *TINY, "method=ties", "method.merge=mean", "--cfg", "job")
+def test_cfg_job_prints_the_composed_config_without_running(tint_here, tmp_path):
+    out = tint_here("merge", *TINY, "method=ties", "method.merge=mean", "--cfg", "job")
     assert out.returncode == 0, out.stderr
     assert "merge: mean" in out.stdout and "name: synth_tiny" in out.stdout
     assert not (tmp_path / "runs").exists()
@@ -106,33 +106,33 @@ def _first_line(out):
     return out.stderr.strip().splitlines()[0]
 
 
-def test_unknown_task_is_a_one_line_error(run_tint):
-    out = run_tint("merge", *TINY, "tasks.names=[digits,nope]")
+def test_unknown_task_is_a_one_line_error(tint_here):
+    out = tint_here("merge", *TINY, "tasks.names=[digits,nope]")
     assert out.returncode == 2
     assert _first_line(out) == "error: unknown task 'nope' in tasks 'synth_tiny'"
     assert "Traceback" not in out.stderr
 
 
-def test_unknown_method_and_bad_override_are_clear(run_tint):
-    out = run_tint("merge", *TINY, "method=nope")
+def test_unknown_method_and_bad_override_are_clear(tint_here):
+    out = tint_here("merge", *TINY, "method=nope")
     assert out.returncode != 0
     assert "Could not find 'method/nope'" in _first_line(out)
     assert "Traceback" not in out.stderr
-    out = run_tint("merge", *TINY, "method=ties", "method.lamda=0.5")
+    out = tint_here("merge", *TINY, "method=ties", "method.lamda=0.5")
     assert out.returncode != 0
     assert "Could not override 'method.lamda'" in _first_line(out)
     assert "Traceback" not in out.stderr
 
 
-def test_unknown_command(run_tint):
-    out = run_tint("mrege")
+def test_unknown_command(tint_here):
+    out = tint_here("mrege")
     assert out.returncode == 2
     assert _first_line(out) == ("error: unknown command 'mrege'; tint has: merge, bench, "
                                 "zoo build, convert, table, cache verify")
 
 
-def test_zoo_build_reports_realism(run_tint):
-    out = run_tint("zoo", "build", *TINY)
+def test_zoo_build_reports_realism(tint_here):
+    out = tint_here("zoo", "build", *TINY)
     assert out.returncode == 0, out.stderr
     assert "benchmark realism" in out.stdout and "zero-shot" in out.stdout
 
@@ -177,9 +177,9 @@ def test_merging_functions_are_importable_from_the_package():
             "tinting"} <= set(registered())
 
 
-def test_adaptive_methods_over_seeds_give_mean_and_std(run_tint, tmp_path):
+def test_adaptive_methods_over_seeds_give_mean_and_std(tint_here, tmp_path):
     sweep = tmp_path / "seeds"
-    out = run_tint("merge", "-m", *TINY, "method=tinting_pp", "method.epochs=2", "seed=0,1",
+    out = tint_here("merge", "-m", *TINY, "method=tinting_pp", "method.epochs=2", "seed=0,1",
                    "save_merged=true", f"hydra.sweep.dir={sweep}")
     assert out.returncode == 0, out.stderr
     assert "mean ± std over seeds 0, 1" in out.stdout
@@ -211,8 +211,8 @@ def test_adaptive_methods_over_seeds_give_mean_and_std(run_tint, tmp_path):
     assert "blocks.0.attn.qkv.weight" in load_file(files["merged"])
 
 
-def test_sampler_group_sets_the_tinting_sampler(run_tint):
-    out = run_tint("merge", *TINY, "method=tinting", "sampler=confidence", "--cfg", "job",
+def test_sampler_group_sets_the_tinting_sampler(tint_here):
+    out = tint_here("merge", *TINY, "method=tinting", "sampler=confidence", "--cfg", "job",
                    "--resolve")
     assert out.returncode == 0, out.stderr
     assert "sampler: confidence" in out.stdout
@@ -261,12 +261,12 @@ BAD_IN_A_TABLE = [
 ]
 
 
-def test_a_bad_value_fails_before_any_work(run_tint, tmp_path):
+def test_a_bad_value_fails_before_any_work(tint_here, tmp_path):
     """End to end, once: the one line, no traceback, and in the run directory nothing but
     Hydra's files, the lock and error.json (no results, no partial rows)."""
     override, message = BAD_IN_A_TABLE[0]
     run_dir = tmp_path / "bad"
-    out = run_tint("merge", *TINY, "method=all", override, f"hydra.run.dir={run_dir}")
+    out = tint_here("merge", *TINY, "method=all", override, f"hydra.run.dir={run_dir}")
     assert out.returncode == 2
     assert _first_line(out) == f"error: {message}"
     assert "Traceback" not in out.stderr
@@ -299,11 +299,11 @@ STAND_IN = ["pool=stand_in", "tasks=vit8", "tasks.names=[eurosat,dtd,mnist]",
             "num_heads: 2}"]
 
 
-def test_bench_times_every_adaptation_step_at_the_stand_in_pools_real_sizes(run_tint, tmp_path):
+def test_bench_times_every_adaptation_step_at_the_stand_in_pools_real_sizes(tint_here, tmp_path):
     """`tint bench pool=stand_in`: no checkpoint, no dataset; each task's test split is
     generated at its real size (conf/task's test_images) under the tasks.test_size cap, and
     every step is timed on its real batches."""
-    out = run_tint("bench", *STAND_IN, "repeats=2", "warmup=1", "eval_repeats=1",
+    out = tint_here("bench", *STAND_IN, "repeats=2", "warmup=1", "eval_repeats=1",
                    f"hydra.run.dir={tmp_path / 'b'}")
     assert out.returncode == 0, out.stderr
     payload = json.loads((tmp_path / "b" / "bench.json").read_text())
@@ -338,12 +338,12 @@ def test_merge_refuses_the_stand_in_pool_before_any_work(tmp_path):
         check_run_config(compose_config(overrides=STAND_IN, tiny=False))
 
 
-def test_bench_times_every_registered_data_free_merge_on_stand_in_shapes(run_tint, tmp_path):
+def test_bench_times_every_registered_data_free_merge_on_stand_in_shapes(tint_here, tmp_path):
     """parts=[merges] with merge_shapes: no benchmark is built, and the table lists every
     data-free method the registry has (not a hand-written list)."""
     from tintcli.methods import registered
 
-    out = run_tint("bench", "parts=[merges]", "device=cpu",
+    out = tint_here("bench", "parts=[merges]", "device=cpu",
                    "merge_shapes=[{encoder: synth_vit_tiny, tasks: 3, dtype: fp32}]",
                    f"hydra.run.dir={tmp_path / 'b'}")
     assert out.returncode == 0, out.stderr
@@ -361,10 +361,10 @@ def test_bench_times_every_registered_data_free_merge_on_stand_in_shapes(run_tin
         _parts(OmegaConf.create({"parts": ["speed"]}))
 
 
-def test_a_true_label_oracle_row_is_labelled_as_one(run_tint, tmp_path):
+def test_a_true_label_oracle_row_is_labelled_as_one(tint_here, tmp_path):
     """loss=crossgt learns from the test labels (refused without oracle=true: see
     test_adaptation); with oracle=true its row says so and maps to no paper row."""
-    out = run_tint("merge", *TINY, "method=symerge", "method.loss=crossgt", "method.oracle=true",
+    out = tint_here("merge", *TINY, "method=symerge", "method.loss=crossgt", "method.oracle=true",
                    "method.epochs=1", f"hydra.run.dir={tmp_path / 'yes'}")
     assert out.returncode == 0, out.stderr
     row = json.loads((tmp_path / "yes" / "results.json").read_text())["rows"][-1]
@@ -387,9 +387,9 @@ def test_bench_timing_is_the_median_of_the_timed_calls_after_warmup(monkeypatch)
     assert bench._timed(call, torch.device("cpu"), warmup=1, repeats=3) == 2.0
 
 
-def test_a_failing_job_is_recorded_and_the_sweep_goes_on(run_tint, tmp_path):
+def test_a_failing_job_is_recorded_and_the_sweep_goes_on(tint_here, tmp_path):
     sweep = tmp_path / "sweep"
-    out = run_tint("merge", "-m", *TINY, "method=task_arithmetic", "method.lam=0.3,nan,0.5",
+    out = tint_here("merge", "-m", *TINY, "method=task_arithmetic", "method.lam=0.3,nan,0.5",
                    f"hydra.sweep.dir={sweep}")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines()[-2].startswith(
@@ -403,22 +403,22 @@ def test_a_failing_job_is_recorded_and_the_sweep_goes_on(run_tint, tmp_path):
     assert [job["rows"][-1]["params"]["lam"] for job in summary["jobs"]] == [0.3, 0.5]
 
 
-def test_a_rerun_sweep_skips_finished_jobs_and_redoes_a_killed_one(run_tint, tmp_path):
+def test_a_rerun_sweep_skips_finished_jobs_and_redoes_a_killed_one(tint_here, tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", *TINY, "method=task_arithmetic", "method.lam=0.1,0.9",
             f"hydra.sweep.dir={sweep}"]
-    assert run_tint("merge", *args).returncode == 0
+    assert tint_here("merge", *args).returncode == 0
     finished = (sweep / "0" / "results.json").stat().st_mtime_ns
     killed = sweep / "1" / "results.json"
     killed.rename(sweep / "1" / "results.partial.json")  # as a job killed before its end
-    out = run_tint("merge", *args)
+    out = tint_here("merge", *args)
     assert out.returncode == 0, out.stderr
     assert f"finished already with this config, skipped: {sweep / '0' / 'results.json'}" in \
         out.stdout.replace("\n", "")
     assert (sweep / "0" / "results.json").stat().st_mtime_ns == finished
     assert killed.exists() and (sweep / "1" / "results.partial.1.json").exists()
     # the same folder with another config is not the same job: refused, not overwritten
-    other = run_tint("merge", "-m", *TINY, "method=task_arithmetic", "method.lam=0.5",
+    other = tint_here("merge", "-m", *TINY, "method=task_arithmetic", "method.lam=0.5",
                      f"hydra.sweep.dir={sweep}")
     assert other.returncode == 2 and "holds a finished run" in other.stderr
     assert (sweep / "0" / "results.json").stat().st_mtime_ns == finished

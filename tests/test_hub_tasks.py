@@ -101,14 +101,14 @@ def _pixel_entries(cache):
             for p in (cache / "pixels").iterdir() if (p / "manifest.json").is_file()}
 
 
-def test_vit8_end_to_end_pixel_cache_built_once_validation_stable(run_tint, tmp_path, data_root,
+def test_vit8_end_to_end_pixel_cache_built_once_validation_stable(tint_here, tmp_path, data_root,
                                                                   release, tiny_cache):
     args = [*_vit8(data_root), *CLIP_TINY, "pool=task_vectors", f"pool.path={release}",
             "method=data_free", "eval.validation=true"]
-    first = run_tint("merge", *args, f"hydra.run.dir={tmp_path / 'one'}")
+    first = tint_here("merge", *args, f"hydra.run.dir={tmp_path / 'one'}")
     assert first.returncode == 0, first.stderr
     built = _pixel_entries(tiny_cache)
-    second = run_tint("merge", *args, f"hydra.run.dir={tmp_path / 'two'}")
+    second = tint_here("merge", *args, f"hydra.run.dir={tmp_path / 'two'}")
     assert second.returncode == 0, second.stderr
     assert _pixel_entries(tiny_cache) == built  # every split reused, none rebuilt
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
@@ -126,8 +126,8 @@ def test_vit8_end_to_end_pixel_cache_built_once_validation_stable(run_tint, tmp_
     assert rows["experts"]["average"] > rows["zero-shot"]["average"]
 
 
-def test_adaptive_methods_learn_from_the_pixel_cache(run_tint, tmp_path, data_root, release):
-    out = run_tint("merge", *_vit8(data_root), *CLIP_TINY, "pool=task_vectors",
+def test_adaptive_methods_learn_from_the_pixel_cache(tint_here, tmp_path, data_root, release):
+    out = tint_here("merge", *_vit8(data_root), *CLIP_TINY, "pool=task_vectors",
                    f"pool.path={release}", "method=tinting_pp", "method.epochs=2",
                    "vectors_dtype=bf16", f"hydra.run.dir={tmp_path}")
     assert out.returncode == 0, out.stderr
@@ -185,9 +185,9 @@ def test_missing_dataset_offline_names_the_hub_id_and_the_fix(run_tint, tmp_path
     assert "Traceback" not in out.stderr
 
 
-def test_task_set_the_pool_does_not_cover_fails_naming_the_difference(run_tint, data_root,
+def test_task_set_the_pool_does_not_cover_fails_naming_the_difference(tint_here, data_root,
                                                                       release):
-    out = run_tint("merge", *_vit8(data_root, ("mnist", "dtd", "svhn")), *CLIP_TINY,
+    out = tint_here("merge", *_vit8(data_root, ("mnist", "dtd", "svhn")), *CLIP_TINY,
                    "pool=task_vectors", f"pool.path={release}")
     assert out.returncode == 2
     lines = out.stderr.strip().splitlines()
@@ -197,10 +197,10 @@ def test_task_set_the_pool_does_not_cover_fails_naming_the_difference(run_tint, 
     assert "The pool has: EuroSAT, GTSRB, MNIST." in out.stderr
 
 
-def test_plus_tasks_form_and_plain_form_compose_the_same(run_tint):
-    plus = run_tint("merge", "+tasks=vit8", "--cfg", "job")
-    plain = run_tint("merge", "tasks=vit8", "--cfg", "job")
-    default = run_tint("merge", "--cfg", "job")
+def test_plus_tasks_form_and_plain_form_compose_the_same(tint_here):
+    plus = tint_here("merge", "+tasks=vit8", "--cfg", "job")
+    plain = tint_here("merge", "tasks=vit8", "--cfg", "job")
+    default = tint_here("merge", "--cfg", "job")
     assert plus.returncode == 0, plus.stderr
     assert plus.stdout == plain.stdout and "name: vit8" in plus.stdout
     assert "hub: tanganke/sun397" in plus.stdout and "name: synth8" in default.stdout

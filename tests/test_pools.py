@@ -144,8 +144,8 @@ def _pool_args(release):
     return ["pool=task_vectors", f"pool.path={release}", f"pool.dirs={dirs}"]
 
 
-def test_merge_over_a_task_vectors_pool_runs_every_method(run_tint, tmp_path, release):
-    out = run_tint("merge", *CLIP_TINY, *_pool_args(release), "method=all", *FAST,
+def test_merge_over_a_task_vectors_pool_runs_every_method(tint_here, tmp_path, release):
+    out = tint_here("merge", *CLIP_TINY, *_pool_args(release), "method=all", *FAST,
                    f"hydra.run.dir={tmp_path / 'tv'}")
     assert out.returncode == 0, out.stderr
     results = json.loads((tmp_path / "tv" / "results.json").read_text())
@@ -160,35 +160,35 @@ def test_merge_over_a_task_vectors_pool_runs_every_method(run_tint, tmp_path, re
 
 
 def test_merge_over_an_hf_pool_and_convert_to_local_give_the_same_numbers(
-        run_tint, tmp_path, hf_pool, release):
+        tint_here, tmp_path, hf_pool, release):
     hf = ["pool=hf", f"pool.base={hf_pool / 'base'}",
           f"pool.experts='{hf_pool}/clip_{{task}}'", f"pool.heads={hf_pool / 'heads'}"]
-    out = run_tint("merge", *CLIP_TINY, *hf, "method=ties", f"hydra.run.dir={tmp_path / 'hf'}")
+    out = tint_here("merge", *CLIP_TINY, *hf, "method=ties", f"hydra.run.dir={tmp_path / 'hf'}")
     assert out.returncode == 0, out.stderr
     rows = json.loads((tmp_path / "hf" / "results.json").read_text())["rows"]
     assert rows[1]["average"] > rows[0]["average"]
 
-    out = run_tint("convert", *CLIP_TINY, *_pool_args(release), f"out={tmp_path / 'local'}")
+    out = tint_here("convert", *CLIP_TINY, *_pool_args(release), f"out={tmp_path / 'local'}")
     assert out.returncode == 0, out.stderr
     # a pool's own task names, not a task set's (real names such as mnist come with issue 12)
-    out = run_tint("convert", *CLIP_TINY, *_pool_args(release), "names=[digits,signs]",
+    out = tint_here("convert", *CLIP_TINY, *_pool_args(release), "names=[digits,signs]",
                    f"out={tmp_path / 'two'}")
     assert out.returncode == 0, out.stderr
     assert sorted(p.name for p in (tmp_path / "two" / "experts").iterdir()) == [
         "digits.safetensors", "signs.safetensors"]
     for pool, folder in ((_pool_args(release), "a"), (["pool=local",
                                                       f"pool.path={tmp_path / 'local'}"], "b")):
-        out = run_tint("merge", *CLIP_TINY, *pool, "method=ties",
+        out = tint_here("merge", *CLIP_TINY, *pool, "method=ties",
                        f"hydra.run.dir={tmp_path / folder}")
         assert out.returncode == 0, out.stderr
     a, b = (json.loads((tmp_path / f / "results.json").read_text())["rows"] for f in "ab")
     assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]
 
 
-def test_a_missing_expert_names_the_task_and_the_path(run_tint, tmp_path, release):
+def test_a_missing_expert_names_the_task_and_the_path(tint_here, tmp_path, release):
     args = _pool_args(release)
     args[-1] = "pool.dirs={signs: Signs, digits: MNIST, textures: Textures}"
-    out = run_tint("merge", *CLIP_TINY, *args, f"hydra.run.dir={tmp_path / 'm'}")
+    out = tint_here("merge", *CLIP_TINY, *args, f"hydra.run.dir={tmp_path / 'm'}")
     assert out.returncode == 2
     assert out.stderr.splitlines()[0] == (
         "error: the task set and the task_vectors pool do not cover the same tasks: "
@@ -210,18 +210,18 @@ def swapped(tmp_path_factory, release):
     return root
 
 
-def test_a_swapped_task_map_is_refused(run_tint, tmp_path, swapped):
-    out = run_tint("merge", *CLIP_TINY, *_pool_args(swapped), f"hydra.run.dir={tmp_path / 's'}")
+def test_a_swapped_task_map_is_refused(tint_here, tmp_path, swapped):
+    out = tint_here("merge", *CLIP_TINY, *_pool_args(swapped), f"hydra.run.dir={tmp_path / 's'}")
     assert out.returncode == 2
     first = out.stderr.splitlines()[0]
     assert first.startswith("error: ") and "no better than zero-shot" in first
     assert "pool.check_experts=false makes this a warning" in out.stderr
 
 
-def test_check_experts_false_makes_a_swapped_map_a_warning(run_tint, tmp_path, swapped):
+def test_check_experts_false_makes_a_swapped_map_a_warning(tint_here, tmp_path, swapped):
     """For a smoke run whose tiny test split ties: the same finding, as a warning line, and
     the run goes on to its rows."""
-    out = run_tint("merge", *CLIP_TINY, *_pool_args(swapped), "pool.check_experts=false",
+    out = tint_here("merge", *CLIP_TINY, *_pool_args(swapped), "pool.check_experts=false",
                    "method=task_arithmetic", f"hydra.run.dir={tmp_path / 'w'}")
     assert out.returncode == 0, out.stderr
     warnings = [line for line in out.stdout.splitlines() if line.startswith("warning: ")]
@@ -290,7 +290,7 @@ def test_an_unsafe_pickle_in_a_pool_names_the_file_and_the_task(tmp_path, releas
     assert not marker.exists()
 
 
-def test_a_head_whose_class_count_differs_from_its_task_is_refused(run_tint, tmp_path,
+def test_a_head_whose_class_count_differs_from_its_task_is_refused(tint_here, tmp_path,
                                                                    release, hf_pool):
     """Before any evaluation: the error names the task, both counts and where to look. The
     classic pool.dirs swap trips it (signs has 24 classes, digits 10)."""
@@ -302,7 +302,7 @@ def test_a_head_whose_class_count_differs_from_its_task_is_refused(run_tint, tmp
     assert SYNTH_FAMILIES["signs"].num_classes == 24 and SYNTH_FAMILIES["digits"].num_classes == 10
     args = _pool_args(release)
     args[-1] = "pool.dirs={signs: Digits, digits: Signs, textures: Textures}"
-    out = run_tint("merge", *CLIP_TINY, *args, f"hydra.run.dir={tmp_path / 'd'}")
+    out = tint_here("merge", *CLIP_TINY, *args, f"hydra.run.dir={tmp_path / 'd'}")
     assert out.returncode == 2
     lines = out.stderr.splitlines()
     assert lines[0] == ("error: the head for task 'signs' has 10 classes, but the task has 24 "
@@ -341,9 +341,9 @@ def test_a_head_whose_class_count_differs_from_its_task_is_refused(run_tint, tmp
         "the head for task 'textures' has 24 classes, but the task has 20 classes")
 
 
-def test_an_expert_of_another_architecture_names_the_task_and_file(run_tint, tmp_path,
+def test_an_expert_of_another_architecture_names_the_task_and_file(tint_here, tmp_path,
                                                                    release):
-    out = run_tint("merge", *CLIP_TINY, "encoder.timm_kwargs.depth=3", *_pool_args(release),
+    out = tint_here("merge", *CLIP_TINY, "encoder.timm_kwargs.depth=3", *_pool_args(release),
                    f"hydra.run.dir={tmp_path / 'x'}")
     assert out.returncode == 2
     assert out.stderr.splitlines()[0].startswith(
@@ -351,9 +351,9 @@ def test_an_expert_of_another_architecture_names_the_task_and_file(run_tint, tmp
         "encoder=clip_vit_b32 (check encoder.timm_kwargs): missing ['blocks.2.")
 
 
-def test_hf_pool_without_a_network_says_what_to_set(run_tint, tmp_path, monkeypatch):
+def test_hf_pool_without_a_network_says_what_to_set(tint_here, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    out = run_tint("merge", *CLIP_TINY, "pool=hf", f"hydra.run.dir={tmp_path / 'n'}")
+    out = tint_here("merge", *CLIP_TINY, "pool=hf", f"hydra.run.dir={tmp_path / 'n'}")
     assert out.returncode == 2
     first = out.stderr.splitlines()[0]
     assert first.startswith("error: cannot get openai/clip-vit-base-patch32")
@@ -361,13 +361,13 @@ def test_hf_pool_without_a_network_says_what_to_set(run_tint, tmp_path, monkeypa
 
 
 def test_hf_heads_come_from_the_text_tower_with_the_given_names_and_templates(
-        run_tint, tmp_path, hf_pool):
+        tint_here, tmp_path, hf_pool):
     from safetensors.torch import load_file
 
     from tintcli.heads import text_tower_head
 
     hf = ["pool=hf", f"pool.base={hf_pool / 'base'}", f"pool.experts='{hf_pool}/clip_{{task}}'"]
-    out = run_tint("convert", *CLIP_TINY, *hf, f"out={tmp_path / 'none'}")
+    out = tint_here("convert", *CLIP_TINY, *hf, f"out={tmp_path / 'none'}")
     assert out.returncode == 2
     assert out.stderr.splitlines()[0] == (
         "error: hf pool: no zero-shot heads for signs, digits, textures: give pool.classnames "
@@ -377,7 +377,7 @@ def test_hf_heads_come_from_the_text_tower_with_the_given_names_and_templates(
              "textures": ["dots", "lines"]}
     classnames = "{" + ", ".join(f"{t}: [{', '.join(n)}]" for t, n in names.items()) + "}"
     templates = "{" + ", ".join(f"{t}: ['a {{}}', 'the {{}} sign']" for t in names) + "}"
-    out = run_tint("convert", *CLIP_TINY, *hf, f"pool.classnames={classnames}",
+    out = tint_here("convert", *CLIP_TINY, *hf, f"pool.classnames={classnames}",
                    f"pool.templates={templates}", f"out={tmp_path / 'text'}")
     assert out.returncode == 0, out.stderr
     model = transformers.CLIPModel.from_pretrained(hf_pool / "base").eval()

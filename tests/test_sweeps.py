@@ -24,8 +24,8 @@ def _trials(sweep):
             for i in range(4)]
 
 
-def test_the_optuna_preset_picks_its_best_lambda_on_validation(run_tint, tmp_path):
-    out = run_tint("merge", *SEARCH, f"hydra.sweep.dir={tmp_path / 'a'}")
+def test_the_optuna_preset_picks_its_best_lambda_on_validation(tint_here, tmp_path):
+    out = tint_here("merge", *SEARCH, f"hydra.sweep.dir={tmp_path / 'a'}")
     assert out.returncode == 0, out.stderr
     best = yaml.safe_load((tmp_path / "a" / "optimization_results.yaml").read_text())
     trials = _trials(tmp_path / "a")
@@ -33,14 +33,14 @@ def test_the_optuna_preset_picks_its_best_lambda_on_validation(run_tint, tmp_pat
     assert best["best_value"] == by_validation["validation"]["average"]  # validation's number
     assert best["best_params"]["method.lam"] == by_validation["params"]["lam"]
     # seeded: the same trials again
-    again = run_tint("merge", *SEARCH, f"hydra.sweep.dir={tmp_path / 'b'}")
+    again = tint_here("merge", *SEARCH, f"hydra.sweep.dir={tmp_path / 'b'}")
     assert again.returncode == 0, again.stderr
     assert [r["params"]["lam"] for r in _trials(tmp_path / "b")] == \
         [r["params"]["lam"] for r in trials]
 
 
-def test_a_search_refuses_to_choose_on_test(run_tint, tmp_path):
-    out = run_tint("merge", *SEARCH, "objective.split=test", f"hydra.sweep.dir={tmp_path}")
+def test_a_search_refuses_to_choose_on_test(tint_here, tmp_path):
+    out = tint_here("merge", *SEARCH, "objective.split=test", f"hydra.sweep.dir={tmp_path}")
     assert out.returncode == 2
     assert "a search chooses on validation, never on test" in out.stderr
 

@@ -106,13 +106,13 @@ def test_a_lambda_sweep_gives_a_plot_and_a_single_run_none(tmp_path):
     assert not lambda_plot(single, tmp_path / "none.png")
 
 
-def test_the_command_reads_folders_and_says_what_is_wrong(run_tint, tmp_path):
+def test_the_command_reads_folders_and_says_what_is_wrong(tint_here, tmp_path):
     _write(tmp_path / "r", [_row("TIES", "ties", {"lam": 0.3}, [0.7, 0.8])])
-    out = run_tint("table", str(tmp_path / "r"), "--format", "md", "--out",
+    out = tint_here("table", str(tmp_path / "r"), "--format", "md", "--out",
                    str(tmp_path / "t.md"))
     assert out.returncode == 0, out.stderr
     assert "| TIES | 70.0 | 80.0 | 75.0 |" in (tmp_path / "t.md").read_text()
-    missing = run_tint("table", str(tmp_path / "nowhere"))
+    missing = tint_here("table", str(tmp_path / "nowhere"))
     assert missing.returncode == 2
     assert missing.stderr.startswith(f"error: {tmp_path / 'nowhere'} does not exist")
 
@@ -132,7 +132,7 @@ def test_each_setting_of_the_other_parameters_is_its_own_lambda_curve(tmp_path):
     assert curves["ties top_k=10"][0][1] == pytest.approx((0.10 + 0.1) / 2)
 
 
-def test_a_damaged_results_file_is_skipped_with_a_warning_and_the_rest_printed(run_tint,
+def test_a_damaged_results_file_is_skipped_with_a_warning_and_the_rest_printed(tint_here,
                                                                                tmp_path):
     """One job's results.json cut short (not JSON), another of the wrong shape: the table
     still comes, from the good run, with one warning line naming each damaged file."""
@@ -144,7 +144,7 @@ def test_a_damaged_results_file_is_skipped_with_a_warning_and_the_rest_printed(r
     shape.parent.mkdir()
     shape.write_text(json.dumps({"config": {"encoder": {"name": "clip_vit_b32"}},
                                  "rows": "none"}))
-    out = run_tint("table", str(tmp_path / "sweep"), "--format", "md")
+    out = tint_here("table", str(tmp_path / "sweep"), "--format", "md")
     assert out.returncode == 0, out.stderr
     assert "| TIES | 70.0 | 80.0 | 75.0 |" in out.stdout
     warnings = [line for line in out.stderr.splitlines() if line.startswith("warning:")]
@@ -154,7 +154,7 @@ def test_a_damaged_results_file_is_skipped_with_a_warning_and_the_rest_printed(r
     assert "1 results.json file(s) (2 skipped), 1 setting(s)" in out.stdout
 
     # nothing usable left: the clear error, naming the first damaged file
-    out = run_tint("table", str(cut.parent), str(shape.parent))
+    out = tint_here("table", str(cut.parent), str(shape.parent))
     assert out.returncode == 2
     assert f"error: {cut} is not a tint results.json (not JSON" in out.stderr
     assert "(and 1 more damaged)" in out.stderr and "Traceback" not in out.stderr
