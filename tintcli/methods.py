@@ -197,10 +197,18 @@ def _discover() -> None:
 
     if _DISCOVERED:
         return
+    modules: list[str] = []
     for package in ("tintcli.merging", "tintcli.adaptation"):
         path = importlib.import_module(package).__path__
         for module in pkgutil.iter_modules(path):
-            importlib.import_module(f"{package}.{module.name}")
+            modules.append(f"{package}.{module.name}")
+            importlib.import_module(modules[-1])
+    # the registry's order is the modules' (then each module's own), whatever a caller
+    # imported first: tables, `tint bench` and the configs list the methods the same way
+    rank = {name: i for i, name in enumerate(modules)}
+    ordered = sorted(MERGE_METHODS.items(), key=lambda kv: rank.get(kv[1].fn.__module__, -1))
+    MERGE_METHODS.clear()
+    MERGE_METHODS.update(ordered)
     _DISCOVERED.append(True)
 
 
