@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +44,13 @@ def check_residency(value: object) -> str:
     return str(value)
 
 
+def check_compile(value: object) -> bool:
+    """``runtime.compile``: true or false."""
+    if not isinstance(value, bool):
+        raise TintError(f"runtime.compile={value} must be true or false")
+    return value
+
+
 class _Slices(torch.utils.data.Dataset):
     """Batch i of a (memory-mapped) uint8 tensor, as one contiguous copy."""
 
@@ -68,15 +75,32 @@ class Runtime:
     batch_size: int = 512   # evaluation batch
     workers: int = 2        # background loaders (CUDA only; on the CPU they would compete)
     resident_pixels: str = "auto"  # whether the test pixels live on the device (RESIDENCY)
+    compile: bool = False   # adaptation's encoder forward+backward through torch.compile
 
     @classmethod
     def create(cls, device: torch.device, encoder_cfg: DictConfig, precision: object = "auto",
-               batch_size: int = 512, workers: int = 2,
-               resident_pixels: object = "auto") -> Runtime:
+               batch_size: int = 512, workers: int = 2, resident_pixels: object = "auto",
+               compile: object = False) -> Runtime:
         return cls(device, resolve_precision(precision, device),
                    tuple(float(m) for m in encoder_cfg.mean),
                    tuple(float(s) for s in encoder_cfg.std), int(batch_size), int(workers),
-                   check_residency(resident_pixels))
+                   check_residency(resident_pixels), check_compile(compile))
+
+    def encoder_forward(self, encoder: torch.nn.Module
+                        ) -> Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]:
+        """``forward(weights, images)``: the encoder run on the given weights (the merged
+        state of an adaptation step). With ``compile`` it goes through ``torch.compile``
+        (CUDA: ``reduce-overhead``, CUDA graphs, for the step's thousands of small launches),
+        compiled on its first call; else eagerly, as ``functional_call``."""
+        from torch.func import functional_call
+
+        def forward(weights: Mapping[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+            return functional_call(encoder, dict(weights), (images,))
+
+        if not self.compile:
+            return forward
+        mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        return torch.compile(forward, mode=mode, dynamic=False)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":

@@ -13,7 +13,6 @@ from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from tintcli.adaptation import (
     AdaptationContext,
@@ -61,7 +60,7 @@ class AdaMerging(AdaptationRun):
         losses = []
         for task in self.tasks:
             with self.autocast():
-                logits = self.heads[task](functional_call(self.encoder, weights, (images[task],)))
+                logits = self.heads[task](self.forward(weights, images[task]))
             loss = entropy(logits)
             self.scaler.scale(loss).backward()
             losses.append(loss.detach())

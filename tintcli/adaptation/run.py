@@ -227,6 +227,8 @@ class AdaptationRun:
         self.context = context
         self.tasks = context.tasks
         self.encoder = context.encoder.to(context.device).eval()
+        # the encoder on a step's weights: eager, or compiled (runtime.compile)
+        self.forward = context.runtime.encoder_forward(self.encoder)
         # (vectors None: a method that learns no λ over whole task vectors, as WEMoE)
         self.merger = None if vectors is None else LambdaMerger(
             pretrained, vectors, granularity, lam_init, context.device, context.vectors_dtype)

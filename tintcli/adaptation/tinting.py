@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from tintcli.adaptation import (
     SAMPLERS,
@@ -143,7 +142,7 @@ class Tinting(EpochRun):
         merged = self.merger()
         weights = {**encoder_entries(merged), **self._tinted(merged, task)}
         with self.autocast():
-            features = functional_call(self.encoder, weights, (images,))
+            features = self.forward(weights, images)
             logits = self.heads[task](features)
         loss, kept = self.loss_fn(logits, features, targets)
         self.steps_done += 1

@@ -51,7 +51,8 @@ class Workbench:
         device = resolve_device(cfg.device)
         runtime = Runtime.create(device, cfg.encoder, cfg.get("precision", "auto"),
                                  *_eval_settings(cfg),
-                                 (cfg.get("runtime") or {}).get("resident_pixels", "auto"))
+                                 (cfg.get("runtime") or {}).get("resident_pixels", "auto"),
+                                 (cfg.get("runtime") or {}).get("compile", False))
         encoder = build_encoder(cfg.encoder)
         tasks = checked_tasks
         if tasks is None:

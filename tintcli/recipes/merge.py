@@ -33,7 +33,7 @@ from tintcli.methods import adapt, check_parameters, get_method
 from tintcli.objective import check_objective
 from tintcli.recipes.common import Workbench
 from tintcli.report import progress_bar, realism_text, results_table
-from tintcli.runtime import check_residency, resolve_precision
+from tintcli.runtime import check_compile, check_residency, resolve_precision
 from tintcli.selection import choose
 from tintcli.stand_in import check_not_stand_in
 from tintcli.tasks import check_image_size, describe, task_names
@@ -98,6 +98,7 @@ def check_run_config(cfg: DictConfig) -> list[str]:
             raise TintError(f"eval.{key}={value} must be a whole number "
                             f"{'>= 0' if key == 'workers' else '>= 1'}")
     check_residency((cfg.get("runtime") or {}).get("resident_pixels", "auto"))
+    check_compile((cfg.get("runtime") or {}).get("compile", False))
     if not isinstance((cfg.get("eval") or {}).get("validation", False), bool):
         raise TintError(f"eval.validation={cfg.eval.validation} must be true or false")
     tasks = task_names(cfg.tasks)
@@ -200,6 +201,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
         "device": str(bench.device),
         "precision": bench.runtime.precision,
         "pixels_on_device": bench.pixels_resident,  # runtime.resident_pixels, as it resolved
+        "step_path": "compiled" if bench.runtime.compile else "eager",  # runtime.compile
         "versions": versions(),
         "pool": OmegaConf.to_container(cfg.pool, resolve=True) if "pool" in cfg else None,
         "checkpoints": bench.pool.checkpoint_hashes(),
