@@ -38,13 +38,8 @@ steps, in another order). Test accuracy on each task's test split (the adaptatio
 unlabeled, as in both papers). Seeds: tint's run generator (``--seed``); FusionBench's
 adapters and loaders draw from torch's global generator, seeded with ``--seed`` first.
 
-Installing FusionBench (a heavy install: it is not a tint dependency and this script is not
-run in CI). Either ``pip install fusion-bench`` into tint's venv (pulls lightning,
-transformers, datasets, peft, ... and may move versions tint pins), or, leaving tint's venv
-untouched, into a folder of its own:
-
-    .venv/bin/pip install --target /tmp/fb --no-deps fusion-bench bidict lightning \\
-        lightning-utilities torchmetrics accelerate peft
+Installing FusionBench (not a tint dependency; this script is not run in CI): as
+``fusionbench_side_by_side.py``'s docstring says.
 
 The script imports ``fusion_bench`` from the venv if it can, else from
 ``--fusion-bench-path`` (default ``$FUSION_BENCH_PATH`` or /tmp/fb). FusionBench's
@@ -98,8 +93,6 @@ import functools
 import importlib
 import importlib.metadata
 import inspect
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -113,13 +106,13 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fusionbench_side_by_side import (  # noqa: E402
-    INSTALL_HINT,
-    average,
     begin_comparison,
     common_arguments,
-    fusion_bench_importable,
-    markdown,
-    pct,
+    fusion_bench_modules,
+    learning_arguments,
+    print_side_by_side,
+    print_versions,
+    shuffled_test_loaders,
 )
 
 FB_CONFIG = {"surgery_steps": 1000, "batch_size": 16, "lr": 1e-3, "hidden_dim": 16}
@@ -127,27 +120,21 @@ FB_CONFIG = {"surgery_steps": 1000, "batch_size": 16, "lr": 1e-3, "hidden_dim": 
 
 def import_fusion_bench(path: str) -> SimpleNamespace:
     """FusionBench's Surgery wrapper, feature function and infinite loader."""
-    fusion_bench_importable(path)
     clip = importlib.import_module("transformers.models.clip.modeling_clip")
     if not hasattr(clip, "CLIPVisionTransformer"):  # transformers 5: a type hint in FB only
         clip.CLIPVisionTransformer = type("CLIPVisionTransformer", (nn.Module,), {})
-    try:
-        wrapper = importlib.import_module("fusion_bench.models.surgery.surgerymodelwrapper")
-        mixin = importlib.import_module("fusion_bench.mixins.clip_classification")
-        data = importlib.import_module("fusion_bench.utils.data")
-        # the algorithm whose run() the loop below replicates (imported to fail loudly if the
-        # installed FusionBench no longer has it)
-        importlib.import_module("fusion_bench.method.surgery.clip_layer_wise_adamerging_surgery")
-    except ImportError as err:
-        sys.exit(f"cannot import FusionBench's Surgery ({err}); install what it needs, e.g. "
-                 f"{INSTALL_HINT}")
-    fb = importlib.import_module("fusion_bench")
+    modules, installed = fusion_bench_modules(path, {
+        "wrapper": "fusion_bench.models.surgery.surgerymodelwrapper",
+        "mixin": "fusion_bench.mixins.clip_classification", "data": "fusion_bench.utils.data",
+        # the algorithm whose run() the loop below replicates (imported to fail loudly if
+        # the installed FusionBench no longer has it)
+        "algorithm": "fusion_bench.method.surgery.clip_layer_wise_adamerging_surgery"})
+    wrapper = modules["wrapper"]
     return SimpleNamespace(
-        version=importlib.metadata.version("fusion-bench"),
-        location=os.path.dirname(fb.__file__ or ""),
+        **installed,
         SurgeryModelWrapper=wrapper.SurgeryModelWrapper,
-        compute_features=mixin.CLIPClassificationMixin.compute_features,
-        InfiniteDataLoader=data.InfiniteDataLoader,
+        compute_features=modules["mixin"].CLIPClassificationMixin.compute_features,
+        InfiniteDataLoader=modules["data"].InfiniteDataLoader,
         regularize_name=wrapper.regularize_name,
     )
 
@@ -216,6 +203,7 @@ def run_fusion_bench(bench, fb: SimpleNamespace, merged_state, steps: int, seed:
     # run(), l. 112-125
     alpha_model = fb.SurgeryModelWrapper(merged_model, tasks, projection_dim=dim,
                                          hidden_dim=FB_CONFIG["hidden_dim"])
+    streams = None  # FusionBench's own shuffled batches, unless --paired
     if paired:
         generator = torch.Generator().manual_seed(seed)
         for task in tasks:
@@ -232,17 +220,9 @@ def run_fusion_bench(bench, fb: SimpleNamespace, merged_state, steps: int, seed:
     finetuned_models = {t: VisionModel(with_state(bench.encoder, bench.experts[t], device))
                         for t in tasks}
 
-    @functools.cache  # l. 55-61: one endless shuffled loader per task, made on first use
-    def get_shuffled_test_loader_iter(task: str):
-        images = bench.test_data[task].images
-        inputs = torch.cat([bench.runtime.inputs(images[i:i + 512])
-                            for i in range(0, len(images), 512)])
-        dataset = torch.utils.data.TensorDataset(inputs, bench.test_data[task].labels)
-        if paired:
-            return (dataset[index] for index in streams[task])
-        loader = torch.utils.data.DataLoader(dataset, batch_size=FB_CONFIG["batch_size"],
-                                             shuffle=True)
-        return iter(fb.InfiniteDataLoader(loader))
+    # l. 55-61: one endless shuffled loader per task, made on first use
+    get_shuffled_test_loader_iter = shuffled_test_loaders(
+        bench, fb, FB_CONFIG["batch_size"], streams)
 
     curve = []
     start = time.perf_counter()
@@ -274,9 +254,8 @@ def run_fusion_bench(bench, fb: SimpleNamespace, merged_state, steps: int, seed:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="both sides' seed (default 0)")
-    parser.add_argument("--steps", type=int, default=FB_CONFIG["surgery_steps"],
-                        help="FusionBench's surgery_steps = tint's epochs (default 1000)")
+    learning_arguments(parser, FB_CONFIG["surgery_steps"],
+                       "FusionBench's surgery_steps = tint's epochs", "adapters")
     parser.add_argument("--adamerging-steps", type=int, default=500,
                         help="tint's AdaMerging steps for λ (default 500, its default)")
     parser.add_argument("--lambdas", default=None,
@@ -288,9 +267,6 @@ def main(argv: list[str] | None = None) -> None:
                         help="diagnostic, not FusionBench's protocol: its compute_features "
                              "with normalize=False and no normalisation before its adapter at "
                              "scoring (the authors' and tint's features)")
-    parser.add_argument("--paired", action="store_true",
-                        help="diagnostic: FusionBench's adapters start from tint's initial "
-                             "weights and see tint's batches (no seed noise between the sides)")
     args = parser.parse_args(argv)
 
     from tintcli.adaptation.saved import save_adapted
@@ -339,17 +315,11 @@ def main(argv: list[str] | None = None) -> None:
     fb_name = ("Surgery (FusionBench" + (", raw features" if args.fb_raw_features else "")
                + (", paired" if args.paired else "") + ")")
     rows += [("Surgery (tint)", tint_acc), (fb_name, fb_acc)]
-    table = [[name, *(pct(acc[t]) for t in tasks), pct(average(acc))] for name, acc in rows]
-    diff = {t: tint_acc[t] - fb_acc[t] for t in tasks}
-    table.append(["tint − FusionBench", *(f"{100 * diff[t]:+.2f}" for t in tasks),
-                  f"{100 * (average(tint_acc) - average(fb_acc)):+.2f}"])
-    print(f"Surgery w/ layer-wise AdaMerging, tint vs FusionBench on {cfg.tasks.name} "
-          f"({cfg.encoder.name}, {len(tasks)} tasks, seed {args.seed}; "
-          f"{args.steps} iterations × one step of 16 test images per task; test accuracy %)\n")
-    print(markdown(["", *tasks, "avg"], table))
-    worst = max(abs(v) for v in diff.values())
-    print(f"\n|Δ avg| {100 * abs(average(tint_acc) - average(fb_acc)):.2f} points (target "
-          f"≤ 0.5), max |Δ task| {100 * worst:.2f} (target ≤ 1)")
+    print_side_by_side(
+        f"Surgery w/ layer-wise AdaMerging, tint vs FusionBench on {cfg.tasks.name} "
+        f"({cfg.encoder.name}, {len(tasks)} tasks, seed {args.seed}; {args.steps} iterations "
+        "× one step of 16 test images per task; test accuracy %)", tasks, rows, tint_acc,
+        fb_acc)
     tint_curve = surgery.loss_curve.get("loss") or []
     if tint_curve and fb_curve:
         print(f"L1 loss, mean over tasks, first / last iteration: tint {tint_curve[0]:.4f} / "
@@ -371,12 +341,9 @@ def main(argv: list[str] | None = None) -> None:
     if same is not None:
         print(f"frozen encoder: max |AdaMerging's − Surgery's merged weights| {same:.1e}")
     print("times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
-    print(f"\nfusion_bench {fb.version}, torch {torch.__version__}, tintcli "
-          f"{importlib.metadata.version('tintcli')}, Python {platform.python_version()}; "
-          f"device {bench.device}, {torch.get_num_threads()} CPU thread(s); λ "
-          f"{args.lambdas or f'learned here ({args.adamerging_steps} AdaMerging steps)'}; "
-          f"tint surgery {extra or 'without momentum_all_tasks'}; "
-          f"wall time {total:.0f} s")
+    print_versions(fb, bench, "λ " + (args.lambdas or f"learned here ({args.adamerging_steps} "
+                                      "AdaMerging steps)")
+                   + f"; tint surgery {extra or 'without momentum_all_tasks'}", total)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.metadata
 import io
@@ -56,9 +57,9 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 
 import torch
 
@@ -91,20 +92,29 @@ def fusion_bench_importable(path: str) -> None:
         sys.path.append(path)  # after the venv's site-packages: tint's versions win
 
 
-def import_fusion_bench(path: str) -> SimpleNamespace:
-    """FusionBench's merging functions and its version, from its installed package."""
+def fusion_bench_modules(path: str, modules: Mapping[str, str]
+                         ) -> tuple[dict[str, ModuleType], dict[str, str]]:
+    """``modules`` (name -> FusionBench module) imported from the installed package (a
+    missing one ends the script in one line saying what to install), and that package's
+    version and location."""
     fusion_bench_importable(path)
-    modules = {}
-    for name, module in FB_MODULES.items():
+    imported = {}
+    for name, module in modules.items():
         try:
-            modules[name] = importlib.import_module(module)
+            imported[name] = importlib.import_module(module)
         except ImportError as err:
             sys.exit(f"cannot import {module} ({err}); install what it needs, e.g. "
                      f"{INSTALL_HINT}")
     fb = importlib.import_module("fusion_bench")
+    return imported, {"version": importlib.metadata.version("fusion-bench"),
+                      "location": os.path.dirname(fb.__file__ or "")}
+
+
+def import_fusion_bench(path: str) -> SimpleNamespace:
+    """FusionBench's merging functions and its version, from its installed package."""
+    modules, installed = fusion_bench_modules(path, FB_MODULES)
     return SimpleNamespace(
-        version=importlib.metadata.version("fusion-bench"),
-        location=os.path.dirname(fb.__file__ or ""),
+        **installed,
         compute_and_sum_svd_mem_reduction=modules["tsvm"].compute_and_sum_svd_mem_reduction,
         iso_c=modules["iso"].iso_c,
         iso_cts=modules["iso"].iso_cts,
@@ -315,6 +325,33 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
+def print_side_by_side(title: str, tasks: list[str], rows: list[tuple[str, Mapping]],
+                       tint: Mapping[str, float], fb: Mapping[str, float],
+                       after: list[tuple[str, Mapping]] = ()) -> None:
+    """A learning method's comparison: ``rows`` (name, accuracy per task), the tint −
+    FusionBench row of ``tint`` and ``fb``, the ``after`` rows, and the issue's bounds."""
+    def line(name: str, accuracy: Mapping[str, float]) -> list[str]:
+        return [name, *(pct(accuracy[t]) for t in tasks), pct(average(accuracy))]
+
+    diff = {t: tint[t] - fb[t] for t in tasks}
+    table = [line(name, acc) for name, acc in rows]
+    table.append(["tint − FusionBench", *(f"{100 * diff[t]:+.2f}" for t in tasks),
+                  f"{100 * (average(tint) - average(fb)):+.2f}"])
+    table += [line(name, acc) for name, acc in after]
+    print(f"{title}\n")
+    print(markdown(["", *tasks, "avg"], table))
+    print(f"\n|Δ avg| {100 * abs(average(tint) - average(fb)):.2f} points (target ≤ 0.5), "
+          f"max |Δ task| {100 * max(abs(v) for v in diff.values()):.2f} (target ≤ 1)")
+
+
+def print_versions(fb: SimpleNamespace, bench, settings: str, total: float) -> None:
+    """The last line of every comparison: versions, device, threads, ``settings``, time."""
+    print(f"\nfusion_bench {fb.version}, torch {torch.__version__}, tintcli "
+          f"{importlib.metadata.version('tintcli')}, Python {platform.python_version()}; "
+          f"device {bench.device}, {torch.get_num_threads()} CPU thread(s); "
+          f"{settings + '; ' if settings else ''}wall time {total:.0f} s")
+
+
 def report(rows: list[Row], tasks: list[str]) -> str:
     main = markdown(
         ["method", "tint test avg (α)", "FusionBench test avg (α)", "tint @ α=1",
@@ -383,6 +420,41 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="extra Hydra overrides (default: synth8, synth_vit, pool synth)")
 
 
+def shuffled_test_loaders(bench, fb: SimpleNamespace, batch_size: int,
+                          streams: Mapping[str, Iterator] | None = None,
+                          generator: torch.Generator | None = None
+                          ) -> Callable[[str], Iterator]:
+    """FusionBench's ``get_shuffled_test_loader_iter`` on tint's test pixels: per task, made
+    on first use, an endless shuffled loader of (inputs, labels) (``generator``: its
+    shuffling's; None: torch's global one). ``streams`` (--paired): tint's batch indices per
+    task instead, so that both sides see the same batches."""
+    @functools.cache
+    def loader_of(task: str) -> Iterator:
+        images = bench.test_data[task].images
+        inputs = torch.cat([bench.runtime.inputs(images[i:i + 512])
+                            for i in range(0, len(images), 512)])
+        dataset = torch.utils.data.TensorDataset(inputs, bench.test_data[task].labels)
+        if streams is not None:
+            return (dataset[index] for index in streams[task])
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                             generator=generator)
+        return iter(fb.InfiniteDataLoader(loader))
+
+    return loader_of
+
+
+def learning_arguments(parser: argparse.ArgumentParser, steps: int, steps_help: str,
+                       learned: str) -> None:
+    """The options of a learning method's comparison: the seed, the steps, and ``--paired``
+    (FusionBench's ``learned`` parts start as tint's and see tint's batches)."""
+    parser.add_argument("--seed", type=int, default=0, help="both sides' seed (default 0)")
+    parser.add_argument("--steps", type=int, default=steps,
+                        help=f"{steps_help} (default {steps})")
+    parser.add_argument("--paired", action="store_true",
+                        help=f"diagnostic: FusionBench's {learned} start from tint's initial "
+                             "ones and see tint's batches (no seed noise between the sides)")
+
+
 def begin_comparison(args: argparse.Namespace, import_fb: Callable[[str], SimpleNamespace],
                      begin: float):
     """(log, FusionBench's pieces, the Workbench, its config): a logger timed from ``begin``,
@@ -441,11 +513,8 @@ def main(argv: list[str] | None = None) -> None:
     print(report(rows, bench.tasks))
     print()
     print(details(rows))
-    print(f"\nfusion_bench {fb.version}, torch {torch.__version__}, tintcli "
-          f"{importlib.metadata.version('tintcli')}, Python {platform.python_version()}; "
-          f"device {bench.device}, {torch.get_num_threads()} CPU thread(s); "
-          f"{'full grids' if args.full_grid else f'tolerance {args.tolerance:g}'}; "
-          f"wall time {total:.0f} s")
+    print_versions(fb, bench, "full grids" if args.full_grid else
+                   f"tolerance {args.tolerance:g}", total)
 
 
 if __name__ == "__main__":

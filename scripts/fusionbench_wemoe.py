@@ -47,13 +47,8 @@ its layers keep routing by the batch mean at evaluation too, over its taskpool's
 ``--paired`` (a diagnostic, not FusionBench's protocol): FusionBench's gates start from tint's
 initial routers and see tint's batches, drawn as tint's run draws them.
 
-Installing FusionBench (a heavy install: it is not a tint dependency and this script is not
-run in CI). Either ``pip install fusion-bench`` into tint's venv (pulls lightning,
-transformers, datasets, peft, ... and may move versions tint pins), or, leaving tint's venv
-untouched, into a folder of its own:
-
-    .venv/bin/pip install --target /tmp/fb --no-deps fusion-bench bidict lightning \\
-        lightning-utilities torchmetrics accelerate peft
+Installing FusionBench (not a tint dependency; this script is not run in CI): as
+``fusionbench_side_by_side.py``'s docstring says.
 
 The script imports ``fusion_bench`` from the venv if it can, else from
 ``--fusion-bench-path`` (default ``$FUSION_BENCH_PATH`` or /tmp/fb).
@@ -88,11 +83,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
-import importlib
-import importlib.metadata
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -103,14 +93,14 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fusionbench_side_by_side import (  # noqa: E402
-    INSTALL_HINT,
-    average,
     begin_comparison,
     common_arguments,
-    fusion_bench_importable,
-    markdown,
-    pct,
+    fusion_bench_modules,
+    learning_arguments,
+    print_side_by_side,
+    print_versions,
     relative_difference,
+    shuffled_test_loaders,
 )
 
 # fusion_bench_config/method/wemoe/weight_ensembling_moe.yaml
@@ -121,19 +111,13 @@ FB_EVAL_BATCH = 128  # fusion_bench_config/taskpool/CLIPVisionModelTaskPool: bat
 
 def import_fusion_bench(path: str) -> SimpleNamespace:
     """FusionBench's WEMoE layer, entropy loss, task arithmetic and infinite loader."""
-    fusion_bench_importable(path)
-    try:
-        models = importlib.import_module("fusion_bench.models.we_moe")
-        method = importlib.import_module("fusion_bench.method.we_moe.we_moe")
-        arithmetic = importlib.import_module("fusion_bench.method.task_arithmetic.task_arithmetic")
-        data = importlib.import_module("fusion_bench.utils.data")
-    except ImportError as err:
-        sys.exit(f"cannot import FusionBench's WEMoE ({err}); install what it needs, e.g. "
-                 f"{INSTALL_HINT}")
-    fb = importlib.import_module("fusion_bench")
+    modules, installed = fusion_bench_modules(path, {
+        "models": "fusion_bench.models.we_moe", "method": "fusion_bench.method.we_moe.we_moe",
+        "arithmetic": "fusion_bench.method.task_arithmetic.task_arithmetic",
+        "data": "fusion_bench.utils.data"})
+    models, method, arithmetic = modules["models"], modules["method"], modules["arithmetic"]
     return SimpleNamespace(
-        version=importlib.metadata.version("fusion-bench"),
-        location=os.path.dirname(fb.__file__ or ""),
+        **installed,
         WeightEnsemblingMoE=models.WeightEnsemblingMoE,
         algorithm=method.WeightEnsemblingMoEAlgorithm,  # (whose glue is replicated below)
         entropy_loss=method.entropy_loss,
@@ -141,7 +125,7 @@ def import_fusion_bench(path: str) -> SimpleNamespace:
         state_dict_sub=arithmetic.state_dict_sub,
         state_dict_add=arithmetic.state_dict_add,
         state_dict_mul=arithmetic.state_dict_mul,
-        InfiniteDataLoader=data.InfiniteDataLoader,
+        InfiniteDataLoader=modules["data"].InfiniteDataLoader,
     )
 
 
@@ -247,6 +231,7 @@ def run_fusion_bench(bench, fb: SimpleNamespace, steps: int, seed: int, log,
     same = relative_difference({k: tint_start[k] for k in fb_start}, fb_start)
     log(f"FusionBench's task arithmetic vs tint's, {len(fb_start)} entries outside the MLPs: "
         f"{same:.1e} (relative)")
+    streams = None  # FusionBench's own shuffled batches, unless --paired
     if paired:
         routers, streams = tint_draws(bench, seed, layers[0].hidden_size, len(layers))
         for layer, router in zip(layers, routers, strict=True):
@@ -254,17 +239,9 @@ def run_fusion_bench(bench, fb: SimpleNamespace, steps: int, seed: int, log,
 
     generator = torch.Generator().manual_seed(seed)
 
-    @functools.cache  # clip_we_moe.py l. 105-127: one endless shuffled loader per task
-    def get_shuffled_test_loader_iter(task: str):
-        images = bench.test_data[task].images
-        inputs = torch.cat([bench.runtime.inputs(images[i:i + 512])
-                            for i in range(0, len(images), 512)])
-        dataset = torch.utils.data.TensorDataset(inputs, bench.test_data[task].labels)
-        if paired:
-            return (dataset[index] for index in streams[task])
-        loader = torch.utils.data.DataLoader(dataset, batch_size=FB_CONFIG["batch_size"],
-                                             shuffle=True, generator=generator)
-        return iter(fb.InfiniteDataLoader(loader))
+    # clip_we_moe.py l. 105-127: one endless shuffled loader per task
+    get_shuffled_test_loader_iter = shuffled_test_loaders(
+        bench, fb, FB_CONFIG["batch_size"], streams, generator)
 
     heads = {t: bench.heads[t].to(device).eval().requires_grad_(False) for t in tasks}
 
@@ -305,12 +282,8 @@ def set_batch_reduce(module: nn.Module, cls: type, value: bool) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     common_arguments(parser)
-    parser.add_argument("--seed", type=int, default=0, help="both sides' seed (default 0)")
-    parser.add_argument("--steps", type=int, default=FB_CONFIG["max_steps"],
-                        help="FusionBench's max_steps = tint's steps (default 1000)")
-    parser.add_argument("--paired", action="store_true",
-                        help="diagnostic: FusionBench's gates start from tint's initial "
-                             "routers and see tint's batches (no seed noise between the sides)")
+    learning_arguments(parser, FB_CONFIG["max_steps"], "FusionBench's max_steps = tint's steps",
+                       "gates (routers)")
     args = parser.parse_args(argv)
 
     from tintcli.adaptation.wemoe import routers
@@ -345,21 +318,13 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter() - begin
 
     fb_name = "WEMoE (FusionBench" + (", paired" if args.paired else "") + ")"
-    rows = [("WEMoE (tint, wemoe_fusionbench)", tint_acc), (fb_name, fb_acc)]
-    table = [[name, *(pct(acc[t]) for t in tasks), pct(average(acc))] for name, acc in rows]
-    diff = {t: tint_acc[t] - fb_acc[t] for t in tasks}
-    table.append(["tint − FusionBench", *(f"{100 * diff[t]:+.2f}" for t in tasks),
-                  f"{100 * (average(tint_acc) - average(fb_acc)):+.2f}"])
-    table.append([f"FB as run (batch_reduce kept, batches of {FB_EVAL_BATCH})",
-                  *(pct(as_run[t]) for t in tasks), pct(average(as_run))])
-    print(f"WEMoE, tint vs FusionBench on {cfg.tasks.name} ({cfg.encoder.name}, {len(tasks)} "
-          f"tasks, seed {args.seed}; {args.steps} steps × a batch of 16 test images per task, "
-          f"Adam lr 1e-4 constant, batch-mean routing while training, per-sample at test; "
-          f"test accuracy %)\n")
-    print(markdown(["", *tasks, "avg"], table))
-    worst = max(abs(v) for v in diff.values())
-    print(f"\n|Δ avg| {100 * abs(average(tint_acc) - average(fb_acc)):.2f} points (target "
-          f"≤ 0.5), max |Δ task| {100 * worst:.2f} (target ≤ 1)")
+    print_side_by_side(
+        f"WEMoE, tint vs FusionBench on {cfg.tasks.name} ({cfg.encoder.name}, {len(tasks)} "
+        f"tasks, seed {args.seed}; {args.steps} steps × a batch of 16 test images per task, "
+        "Adam lr 1e-4 constant, batch-mean routing while training, per-sample at test; test "
+        "accuracy %)", tasks, [("WEMoE (tint, wemoe_fusionbench)", tint_acc), (fb_name, fb_acc)],
+        tint_acc, fb_acc,
+        [(f"FB as run (batch_reduce kept, batches of {FB_EVAL_BATCH})", as_run)])
     tint_curve = tint.loss_curve.get("loss") or []
     if tint_curve and fb_curve:
         print(f"entropy summed over tasks, first step / mean of the last 10: tint "
@@ -377,10 +342,7 @@ def main(argv: list[str] | None = None) -> None:
                   for a, b in zip(r.parameters(), g.parameters(), strict=True))
         print(f"trained routers: max |tint − FusionBench| {gap:.1e}")
     print("times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()))
-    print(f"\nfusion_bench {fb.version}, torch {torch.__version__}, tintcli "
-          f"{importlib.metadata.version('tintcli')}, Python {platform.python_version()}; "
-          f"device {bench.device}, {torch.get_num_threads()} CPU thread(s); "
-          f"wall time {total:.0f} s")
+    print_versions(fb, bench, "", total)
 
 
 if __name__ == "__main__":
