@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -87,15 +87,15 @@ class Runtime:
                    check_residency(resident_pixels), check_compile(compile))
 
     def encoder_forward(self, encoder: torch.nn.Module
-                        ) -> Callable[[Mapping[str, torch.Tensor], torch.Tensor], torch.Tensor]:
+                        ) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
         """``forward(weights, images)``: the encoder run on the given weights (the merged
         state of an adaptation step). With ``compile`` it goes through ``torch.compile``
         (CUDA: ``reduce-overhead``, CUDA graphs, for the step's thousands of small launches),
         compiled on its first call; else eagerly, as ``functional_call``."""
         from torch.func import functional_call
 
-        def forward(weights: Mapping[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-            return functional_call(encoder, dict(weights), (images,))
+        def forward(weights: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+            return functional_call(encoder, weights, (images,))
 
         if not self.compile:
             return forward

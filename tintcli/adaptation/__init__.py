@@ -27,11 +27,10 @@ from tintcli.adaptation.run import (
     EpochRun,
     StepCallback,
     check_common,
-    check_finite,
     read_losses,
 )
 from tintcli.adaptation.samplers import SAMPLERS, pseudo_label_loss
 
 __all__ = ["AdaptationContext", "AdaptationRun", "Adapted", "BatchStream", "Checkpoint", "EpochRun",
-           "LambdaMerger", "SAMPLERS", "StepCallback", "check_finite", "check_common",
+           "LambdaMerger", "SAMPLERS", "StepCallback", "check_common",
            "pseudo_label_loss", "read_losses"]

@@ -19,7 +19,6 @@ from tintcli.adaptation import (
     AdaptationRun,
     Adapted,
     check_common,
-    check_finite,
     read_losses,
 )
 from tintcli.adaptation.losses import entropy
@@ -64,10 +63,8 @@ class AdaMerging(AdaptationRun):
             loss = entropy(logits)
             self.scaler.scale(loss).backward()
             losses.append(loss.detach())
-        total = 0.0
-        for task, loss in zip(self.tasks, read_losses(losses), strict=True):  # one read
-            check_finite(loss, self.name, self.steps_done + 1, task)
-            total += loss
+        total = sum(read_losses(losses, self.name,  # one read, checked
+                                [(self.steps_done + 1, task) for task in self.tasks]))
         self.optimizer.zero_grad()
         torch.autograd.backward([merged[k] for k in keys], [leaves[k].grad for k in keys])
         self.optimizer_step(self.optimizer)

@@ -2,7 +2,7 @@
 (``AdaptationContext``: the unlabeled images, heads, device, and the experts' outputs on
 those images, computed once), its base class (``AdaptationRun``: lambda over the task
 vectors, a seeded ``BatchStream`` per task, checkpointed steps), its checks (``check_common``,
-``check_finite``) and its outcome (``Adapted``). The trainers (``adamerging.py``,
+``read_losses``) and its outcome (``Adapted``). The trainers (``adamerging.py``,
 ``tinting.py``) subclass ``AdaptationRun``.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -151,8 +151,6 @@ class BatchStream:
     def __next__(self) -> torch.Tensor:
         if self.order is None or self.position + self.batch_size > self.count:
             self.order, self.position = torch.randperm(self.count, generator=self.generator), 0
-            self.on_device = None
-        if self.on_device is None:
             self.on_device = self.order.to(self.device)
         self.position += self.batch_size
         return self.on_device[self.position - self.batch_size : self.position]
@@ -166,7 +164,8 @@ class BatchStream:
                                   or not 0 <= position <= self.count):
             raise ValueError(f"a batch stream over {len(order)} samples at {position}, not over "
                              f"{self.count}")
-        self.order, self.position, self.on_device = order, position, None
+        self.order, self.position = order, position
+        self.on_device = None if order is None else order.to(self.device)
 
 
 def check_common(params: Mapping[str, object]) -> None:
@@ -179,26 +178,25 @@ def check_common(params: Mapping[str, object]) -> None:
     number(params, "lam_init", 0, 1, must="in [0, 1] (lambdas are clamped there)")
 
 
-def check_finite(loss: torch.Tensor | float, method: str, step: int, task: str) -> None:
-    """Stop, naming where, when adaptation diverges (NaN or inf loss). Given a loss read back
-    by ``read_losses`` it costs nothing; given a device tensor, it waits for the device."""
-    value = loss.detach().item() if isinstance(loss, torch.Tensor) else float(loss)
-    if not math.isfinite(value):
-        raise TintError(f"{method}: the adaptation loss is {value} at step {step} on task "
-                        f"'{task}'\nCheck that task's expert checkpoint for NaN/inf weights, or "
-                        "lower the method's lr.")
-
-
-def read_losses(losses: list[torch.Tensor | float]) -> list[float]:
+def read_losses(losses: list[torch.Tensor | float], method: str,
+                where: Sequence[tuple[int, str]]) -> list[float]:
     """Losses kept on the device as steps were taken, read back in one transfer (those on the
-    CPU, as a resumed checkpoint gives them, are read where they are). A step that read its
-    loss at once would make the host wait for the device at every step; this waits once."""
+    CPU, as a resumed checkpoint gives them, are read where they are), and checked: the
+    first NaN or inf stops the run naming its step and task (``where``: one (step, task) per
+    loss). A step that read its loss at once would make the host wait for the device at
+    every step; this waits once."""
     def on_device(loss: object) -> bool:
         return isinstance(loss, torch.Tensor) and loss.device.type != "cpu"
 
     tensors = [loss.detach().float() for loss in losses if on_device(loss)]
-    values = iter(torch.stack(tensors).tolist() if tensors else [])
-    return [next(values) if on_device(loss) else float(loss) for loss in losses]
+    read = iter(torch.stack(tensors).tolist() if tensors else [])
+    values = [next(read) if on_device(loss) else float(loss) for loss in losses]
+    for value, (step, task) in zip(values, where, strict=True):
+        if not math.isfinite(value):
+            raise TintError(f"{method}: the adaptation loss is {value} at step {step} on task "
+                            f"'{task}'\nCheck that task's expert checkpoint for NaN/inf "
+                            "weights, or lower the method's lr.")
+    return values
 
 
 # What an adaptive method returns: the one result type of every method (tintcli/merged.py).
@@ -370,10 +368,9 @@ class EpochRun(AdaptationRun):
         self.epoch_losses.append(self.step(self.epoch[len(self.epoch_losses)]))
         if len(self.epoch_losses) < len(self.epoch):
             return None
-        losses = read_losses(self.epoch_losses)
-        first = self.steps_done - len(losses) + 1
-        for i, (task, loss) in enumerate(zip(self.epoch, losses, strict=True)):
-            check_finite(loss, self.name, first + i, task)
+        first = self.steps_done - len(self.epoch) + 1
+        losses = read_losses(self.epoch_losses, self.name,
+                             [(first + i, task) for i, task in enumerate(self.epoch)])
         self.curve.append(sum(losses) / len(losses))
         self.epoch = []
         return self.curve[-1]

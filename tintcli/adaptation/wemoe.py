@@ -37,7 +37,6 @@ from tintcli.adaptation.run import (
     AdaptationRun,
     Adapted,
     check_common,
-    check_finite,
     read_losses,
 )
 from tintcli.checks import number, one_of, whole
@@ -245,10 +244,8 @@ class WEMoE(AdaptationRun):
             for hook in hooks:
                 hook.remove()
             set_routing(self.model, "sample")
-        total = 0.0
-        for task, value in zip(self.tasks, read_losses(losses), strict=True):  # one read
-            check_finite(value, self.name, self.steps_done + 1, task)
-            total += value
+        total = sum(read_losses(losses, self.name,  # one read, checked
+                                [(self.steps_done + 1, task) for task in self.tasks]))
         self.optimizer_step(self.optimizer)
         self.scheduler.step()
         self.steps_done += 1
