@@ -60,8 +60,8 @@ def test_image_counts(tasks_cfg: DictConfig, tasks: list[str]) -> dict[str, int]
         count = tasks_cfg.get("test_size") if tasks_cfg.source == "synthetic" else \
             spec.get("test_images")
         if count is None:
-            raise TintError(f"pool=stand_in needs the size of task '{task}''s test split, and "
-                            f"conf/task/{task}.yaml gives none\nAdd test_images: <count> to "
+            raise TintError(f"pool=stand_in needs the size of the test split of task "
+                            f"'{task}', and conf/task/{task}.yaml gives none\nAdd test_images: <count> to "
                             f"it (tasks.data.{task}.test_images=<count>), or cap every task "
                             "with tasks.test_size=<count>.")
         counts[task] = int(count) if cap is None else min(int(count), int(cap))
