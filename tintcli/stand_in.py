@@ -61,9 +61,9 @@ def test_image_counts(tasks_cfg: DictConfig, tasks: list[str]) -> dict[str, int]
             spec.get("test_images")
         if count is None:
             raise TintError(f"pool=stand_in needs the size of the test split of task "
-                            f"'{task}', and conf/task/{task}.yaml gives none\nAdd test_images: <count> to "
-                            f"it (tasks.data.{task}.test_images=<count>), or cap every task "
-                            "with tasks.test_size=<count>.")
+                            f"'{task}', and conf/task/{task}.yaml gives none\nAdd "
+                            f"test_images: <count> to it (tasks.data.{task}.test_images="
+                            "<count>), or cap every task with tasks.test_size=<count>.")
         counts[task] = int(count) if cap is None else min(int(count), int(cap))
     return counts
 
