@@ -14,6 +14,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
 $TINT bench pool=stand_in tasks=vit8 encoder=clip_vit_b32 "parts=[evaluation,adaptation]" \
     runtime.resident_pixels=auto warmup=5 repeats=30 eval_repeats=3 "$@"
-# the same steps with the encoder through torch.compile (CUDA graphs): runtime.compile=true
+# the same steps with the λ merge and the encoder through torch.compile (CUDA graphs)
 $TINT bench pool=stand_in tasks=vit8 encoder=clip_vit_b32 "parts=[adaptation]" \
     runtime.compile=true warmup=10 repeats=30 "$@"

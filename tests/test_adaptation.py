@@ -284,18 +284,28 @@ def test_tinting_pp_judges_the_current_model_with_the_current_tinted_head(bench)
     assert torch.equal(expert_logits, targets)
 
 
-def test_tinting_takes_no_step_when_no_sample_is_kept(bench):
+@pytest.mark.parametrize("fused", [False, True])
+def test_tinting_takes_no_step_when_no_sample_is_kept(bench, fused):
+    """A batch where the sampler keeps nothing moves nothing: not λ, not a head, not Adam's
+    moments or step count (its momentum alone would move them). The CPU's Adam is told on
+    the host; a fused Adam (CUDA's) skips on the device, told by the kept count there."""
     context = bench.adaptation_context(seed=0)
     run = Tinting(bench.pretrained, bench.experts, context, sampler="all")
+    if fused:
+        run.optimizer = torch.optim.Adam(run.optimizer.param_groups[0]["params"], lr=1e-2,
+                                         fused=True)
     run.step("digits")  # Adam has momentum now
     assert run.optimizer.state  # (it took a step)
     params = [p for group in run.optimizer.param_groups for p in group["params"]]
     before = [p.detach().clone() for p in params]
+    adam = copy.deepcopy(run.optimizer.state_dict()["state"])
     run.loss_fn = lambda logits, features, targets: pseudo_label_loss(
         logits.float(), targets, lambda merged, expert: torch.zeros(len(expert),
                                                                     dtype=torch.bool))
     assert float(run.step("digits")) == 0.0
     assert all(torch.equal(p, b) for p, b in zip(params, before, strict=True))
+    after = run.optimizer.state_dict()["state"]
+    assert all(torch.equal(after[i][k], adam[i][k]) for i in adam for k in adam[i])
     assert run.steps_done == 2
 
 
@@ -381,7 +391,8 @@ def test_task_vectors_stored_in_bf16_merge_as_in_fp32(bench):
     pretrained, vectors = context.task_vectors(bench.pretrained, bench.experts)
     exact = LambdaMerger(pretrained, vectors, "layer", 0.3)
     half = LambdaMerger(pretrained, vectors, "layer", 0.3, vectors_dtype=torch.bfloat16)
-    assert {g[3].dtype for g in half.groups} == {torch.bfloat16}
+    assert {half.get_buffer(f"stacked{g}").dtype for g in range(len(half.groups))} == {
+        torch.bfloat16}
     merged, approx = exact(), half()
     for key in exact.keys:
         scale = merged[key].abs().max().item() + 1e-6
@@ -599,26 +610,60 @@ def _device_reads(run, step) -> list[str]:
 
 
 def test_a_model_tinting_step_never_waits_for_the_device(bench):
-    """Model Tinting's step (its default loss) keeps its loss on the device, draws its batch
-    from a permutation already there, and reads nothing back: the host can queue the next
-    step while the GPU runs this one (the epoch reads its losses back once, and checks them).
-    Tinting++'s confidence sampler still reads its mask (indexing with it, counting it):
-    what is left to do on a GPU (as a per-sample weight it would change the CPU's numbers in
-    their last bits)."""
+    """Model Tinting's step keeps its loss on the device, draws its batch from a permutation
+    already there, and reads nothing back: the host can queue the next step while the GPU
+    runs this one (the epoch reads its losses back once, and checks them). Tinting++'s
+    sampler weighs samples by 1 or 0 on the device (no mask indexed with), and with a fused
+    Adam (CUDA's) a batch with nothing kept is skipped there too; the CPU's Adam reads that
+    count, once (on the CPU nothing waits)."""
     context = bench.adaptation_context(seed=0)
     run = Tinting(bench.pretrained, bench.experts, context, sampler="all")
     run.step("digits")  # Adam's state exists from here on
     assert _device_reads(run, lambda: run.step("digits")) == []
     run.loss_fn = LOSSES["crosspseudoconf"]
-    assert _device_reads(run, lambda: run.step("digits")) == ["a boolean mask"] * 2 + [
-        "a value read"]
+    assert _device_reads(run, lambda: run.step("digits")) == ["a value read"]
+    run.optimizer = torch.optim.Adam(run.optimizer.param_groups[0]["params"], lr=1e-2,
+                                     fused=True)
+    run.step("digits")
+    assert _device_reads(run, lambda: run.step("digits")) == []
+
+
+def test_a_compiled_adamerging_step_learns_what_the_eager_step_learns(bench):
+    """AdaMerging's step on the compiled path (runtime.compile): the merge is compiled, each
+    task's backward stops at detached merged weights, and one backward then runs through the
+    compiled merge to λ. Five steps give the eager run's losses and λ up to float rounding."""
+    from dataclasses import replace
+
+    def five_steps(compiled: bool) -> tuple[list[float], torch.Tensor]:
+        context = bench.adaptation_context(seed=0)
+        context.runtime = replace(context.runtime, compile=compiled)
+        run = AdaMerging(bench.pretrained, bench.experts, context, "layer", lr=1e-2)
+        return [run.step() for _ in range(5)], run.merger.lambdas().detach()
+
+    (eager, eager_lambdas), (compiled, compiled_lambdas) = five_steps(False), five_steps(True)
+    assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
+    assert torch.allclose(compiled_lambdas, eager_lambdas, atol=1e-6)
+    assert (eager_lambdas - 0.3).abs().max() > 1e-3  # (it learned)
+
+
+def _operations(step) -> int:
+    """The operations ``step()`` launches, as the torch profiler records them: each aten call
+    made outside another (inside a compiled graph, inductor's fused kernels replace them). On
+    a GPU each is a kernel launch or more, and it is their count, not the arithmetic, that
+    bounds a small model's step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        step()
+    return sum(1 for event in profile.events() if event.name.startswith("aten::") and (
+        event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")))
 
 
 def test_the_compiled_step_learns_what_the_eager_step_learns(bench):
-    """runtime.compile=true runs the adaptation steps' encoder through torch.compile (on a
-    GPU, as CUDA graphs): on the CPU, three epochs of Model Tinting give the eager run's
-    losses and λ up to float rounding (inductor fuses, eager does not), and the forward really
-    is the compiled one."""
+    """runtime.compile=true runs the adaptation step's merge and encoder through torch.compile
+    (on a GPU, as CUDA graphs): on the CPU, three epochs of Model Tinting give the eager run's
+    losses and λ up to float rounding (inductor fuses, eager does not), both really are the
+    compiled ones, and a step launches under half the operations of an eager step (the
+    merge's hundreds of views and the encoder's elementwise chains become a few fused
+    kernels)."""
     from dataclasses import replace
 
     def three_epochs(compiled: bool) -> tuple[list[float], torch.Tensor, Tinting]:
@@ -632,6 +677,9 @@ def test_the_compiled_step_learns_what_the_eager_step_learns(bench):
     compiled, compiled_lambdas, compiled_run = three_epochs(True)
     assert not hasattr(run.forward, "_torchdynamo_orig_callable")
     assert hasattr(compiled_run.forward, "_torchdynamo_orig_callable")
+    assert isinstance(compiled_run.merge, torch._dynamo.eval_frame.OptimizedModule)
     assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
     assert torch.allclose(compiled_lambdas, eager_lambdas, atol=1e-6)
     assert not torch.equal(eager_lambdas, torch.full_like(eager_lambdas, 0.3))  # (it learned)
+    launched = _operations(lambda: compiled_run.step("digits"))
+    assert launched < _operations(lambda: run.step("digits")) / 2

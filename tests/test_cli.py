@@ -302,11 +302,12 @@ STAND_IN = ["pool=stand_in", "tasks=vit8", "tasks.names=[eurosat,dtd,mnist]",
 def test_bench_times_every_adaptation_step_at_the_stand_in_pools_real_sizes(tint_here, tmp_path):
     """`tint bench pool=stand_in`: no checkpoint, no dataset; each task's test split is
     generated at its real size (conf/task's test_images) under the tasks.test_size cap, and
-    every step is timed on its real batches."""
+    every step is timed on its real batches, on the path the table's title names."""
     out = tint_here("bench", *STAND_IN, "repeats=2", "warmup=1", "eval_repeats=1",
                    f"hydra.run.dir={tmp_path / 'b'}")
     assert out.returncode == 0, out.stderr
     payload = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert payload["step_path"] == "eager" and "eager steps" in out.stdout
     results = payload["results"]
     assert [r["step"].split()[0] for r in results] == ["AdaMerging", "LOT", "Surgery", "Model",
                                                        "WEMoE"]

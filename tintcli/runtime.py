@@ -86,21 +86,36 @@ class Runtime:
                    tuple(float(s) for s in encoder_cfg.std), int(batch_size), int(workers),
                    check_residency(resident_pixels), check_compile(compile))
 
+    @property
+    def step_path(self) -> str:
+        """Which path adaptation steps take: ``compiled`` (runtime.compile) or ``eager``."""
+        return "compiled" if self.compile else "eager"
+
+    def compiled(self, fn: Callable) -> Callable:
+        """``fn`` itself, or with ``compile`` through ``torch.compile``, compiled on its first
+        call (CUDA: ``reduce-overhead``, CUDA graphs, for a step's thousands of small
+        launches; shapes static: a step's batch never changes)."""
+        if not self.compile:
+            return fn
+        mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+        return torch.compile(fn, mode=mode, dynamic=False)
+
     def encoder_forward(self, encoder: torch.nn.Module
                         ) -> Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]:
         """``forward(weights, images)``: the encoder run on the given weights (the merged
-        state of an adaptation step). With ``compile`` it goes through ``torch.compile``
-        (CUDA: ``reduce-overhead``, CUDA graphs, for the step's thousands of small launches),
-        compiled on its first call; else eagerly, as ``functional_call``."""
+        state of an adaptation step), as ``functional_call``; ``compiled`` with ``compile``."""
         from torch.func import functional_call
 
         def forward(weights: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
             return functional_call(encoder, weights, (images,))
 
-        if not self.compile:
-            return forward
-        mode = "reduce-overhead" if self.device.type == "cuda" else "default"
-        return torch.compile(forward, mode=mode, dynamic=False)
+        return self.compiled(forward)
+
+    def adam(self, params, **options) -> torch.optim.Adam:
+        """Adam for an adaptation run: on CUDA fused (one kernel a step for every parameter,
+        and a step it can skip on the device, see ``skip_step``), else torch's default (on
+        the CPU: today's numbers, exactly)."""
+        return torch.optim.Adam(params, fused=self.device.type == "cuda" or None, **options)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":

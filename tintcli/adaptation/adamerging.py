@@ -42,7 +42,8 @@ class AdaMerging(AdaptationRun):
             vectors = ties_task_vectors(vectors, ties_top_k)
         super().__init__(context, pretrained, vectors, granularity, lam_init, batch_size)
         self.heads = {t: context.head(t) for t in self.tasks}  # frozen
-        self.optimizer = torch.optim.Adam(self.merger.parameters(), lr=lr, betas=(0.9, 0.999))
+        self.optimizer = context.runtime.adam(self.merger.parameters(), lr=lr,
+                                               betas=(0.9, 0.999))
         # the encoder's merged entries (extras such as CLIP text leftovers are merged but
         # never run, so their lambdas get no gradient)
         self.encoder_keys = [k for k in self.merger.keys if not k.startswith(EXTRA)]
@@ -52,7 +53,7 @@ class AdaMerging(AdaptationRun):
         (so memory holds one task's activations at a time) into a detached copy of the merged
         weights; one backward then carries the summed gradient through the merge to lambda."""
         images = self.next_batches() if images is None else images
-        merged = self.merger()
+        merged = self.merge()
         keys = self.encoder_keys
         leaves = {k: merged[k].detach().requires_grad_() for k in keys}
         weights = {**encoder_entries(merged), **leaves}

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 
 from tintcli.adaptation.samplers import keep_all, keep_confident, pseudo_label_loss
 
-Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]
+# (logits, features, targets) -> (loss, samples that counted: an int, or a count on the device)
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+               tuple[torch.Tensor, int | torch.Tensor]]
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

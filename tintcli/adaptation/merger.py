@@ -47,9 +47,10 @@ class LambdaMerger(nn.Module):
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for i, key in enumerate(self.keys):
             by_shape.setdefault(tuple(pretrained[key].shape), []).append(i)
-        # per group: (layer indices, theta_0 [n, numel], task vectors [n, tasks, numel]);
-        # theta_0's merged entries live only here
-        self.groups = []
+        # per group of equal shapes: its layers' indices (``groups``) and, as buffers, those
+        # indices, theta_0 [n, numel] and the task vectors [n, tasks, numel]; theta_0's merged
+        # entries live only here
+        self.groups: list[list[int]] = []
         for rows in by_shape.values():
             numel = pretrained[self.keys[rows[0]]].numel()
             base = torch.empty(len(rows), numel, device=device)
@@ -59,7 +60,12 @@ class LambdaMerger(nn.Module):
                 base[j].copy_(pretrained[self.keys[i]].flatten())
                 for k, vector in enumerate(vectors):
                     stacked[j, k].copy_(vector[self.keys[i]].flatten())
-            self.groups.append((rows, torch.tensor(rows, device=device), base, stacked))
+            # (buffers, not state: a checkpoint holds λ alone; they follow the module's device)
+            g = len(self.groups)
+            self.register_buffer(f"index{g}", torch.tensor(rows, device=device), persistent=False)
+            self.register_buffer(f"base{g}", base, persistent=False)
+            self.register_buffer(f"stacked{g}", stacked, persistent=False)
+            self.groups.append(rows)
         rows = len(self.keys) if granularity == "layer" else 1
         self.raw = nn.Parameter(torch.full((rows, len(vectors)), float(init), device=device))
 
@@ -75,7 +81,9 @@ class LambdaMerger(nn.Module):
         """The merged state dict, differentiable in lambda."""
         lam = self.lambdas()
         merged = dict(self.fixed)
-        for rows, index, base, stacked in self.groups:
+        for g, rows in enumerate(self.groups):
+            index, base = getattr(self, f"index{g}"), getattr(self, f"base{g}")
+            stacked = getattr(self, f"stacked{g}")
             coeff = lam[index] if self.granularity == "layer" else lam.expand(len(rows), -1)
             group = base + torch.bmm(coeff.unsqueeze(1).to(stacked.dtype), stacked).squeeze(1)
             for i, flat in zip(rows, group.unbind(0), strict=True):

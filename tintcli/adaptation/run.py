@@ -230,6 +230,12 @@ class AdaptationRun:
         # (vectors None: a method that learns no λ over whole task vectors, as WEMoE)
         self.merger = None if vectors is None else LambdaMerger(
             pretrained, vectors, granularity, lam_init, context.device, context.vectors_dtype)
+        # a step's merge, compiled as the encoder is: its fixed tensors (θ_0, the stacked
+        # task vectors) keep their addresses, so a CUDA graph reads them where they are
+        self.merge = None if self.merger is None else context.runtime.compiled(self.merger)
+        if self.merger is not None and context.runtime.compile:
+            for tensor in self.merger.buffers():
+                torch._dynamo.mark_static_address(tensor)
         # fp16 autocast needs loss scaling (bf16 and fp32 do not: the scaler is then a no-op)
         self.scaler = torch.amp.GradScaler(context.device.type,
                                            enabled=context.runtime.precision == "fp16")
@@ -253,9 +259,24 @@ class AdaptationRun:
     def autocast(self):
         return self.context.runtime.autocast()
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Step on gradients backpropagated from ``self.scaler.scale(loss)``."""
+    def optimizer_step(self, optimizer: torch.optim.Optimizer,
+                       skip: torch.Tensor | None = None) -> None:
+        """Step on gradients backpropagated from ``self.scaler.scale(loss)``. ``skip``: a
+        boolean on the device, true when the step had nothing to learn from (no sample kept):
+        then nothing moves, Adam's momentum and step count included. A fused Adam (CUDA:
+        ``Runtime.adam``) skips on the device, as it does on the loss scaler's overflow, and
+        the host never waits; otherwise the host reads ``skip`` (on the CPU that is free)."""
         self.updating = True
+        if skip is not None:
+            if optimizer.defaults.get("fused") and not self.scaler.is_enabled():
+                optimizer.found_inf = skip.float()  # read by fused Adam: skip when nonzero
+                try:
+                    optimizer.step()
+                finally:
+                    del optimizer.found_inf
+                return
+            if bool(skip):
+                return
         self.scaler.step(optimizer)
         self.scaler.update()
 

@@ -31,15 +31,17 @@ SAMPLERS: dict[str, Sampler] = {"all": keep_all, "confidence": keep_confident}
 
 
 def pseudo_label_loss(merged_logits: torch.Tensor, expert_logits: torch.Tensor,
-                      sampler: Sampler) -> tuple[torch.Tensor, int]:
+                      sampler: Sampler) -> tuple[torch.Tensor, int | torch.Tensor]:
     """Mean cross-entropy to the expert's argmax over the kept samples, and how many were
-    kept. A batch where nothing is kept gives a zero loss (no gradient), never a NaN. Every
-    sample kept (``keep_all``) needs no mask and no count read back from the device."""
+    kept (an int, or a count left on the device). A batch where nothing is kept gives a zero
+    loss (no gradient), never a NaN. Nothing here waits for the device: the mask is a weight
+    of 1 or 0 per sample (indexing with it would read its count back), and every sample kept
+    (``keep_all``) needs no mask at all."""
     targets = expert_logits.argmax(-1)
     if sampler is keep_all:
         return F.cross_entropy(merged_logits, targets, reduction="sum") / len(targets), \
             len(targets)
-    keep = sampler(merged_logits, expert_logits)
-    total = F.cross_entropy(merged_logits[keep], targets[keep], reduction="sum")
-    kept = int(keep.sum())
-    return total / max(kept, 1), kept
+    weight = sampler(merged_logits, expert_logits).to(merged_logits.dtype)
+    kept = weight.sum()
+    losses = F.cross_entropy(merged_logits, targets, reduction="none")
+    return (losses * weight).sum() / kept.clamp(min=1), kept

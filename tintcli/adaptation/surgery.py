@@ -199,8 +199,8 @@ class Surgery(EpochRun):
                                        if hidden is None else
                                        ProbSurgeryAdapter(dim, hidden, self.generator)
                                        for t in self.tasks}).to(context.device)
-        self.optimizer = torch.optim.Adam(self.adapters.parameters(), lr=lr,
-                                          betas=(0.9, 0.999))
+        self.optimizer = context.runtime.adam(self.adapters.parameters(), lr=lr,
+                                               betas=(0.9, 0.999))
         # The authors' code (torch 1.x) zeroes gradients rather than dropping them, so their
         # one Adam moves every task's adapter at every step on its momentum, not only the
         # stepping task's; False: only the stepping task's (torch 2's zero_grad, FusionBench)

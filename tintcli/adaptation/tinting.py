@@ -107,7 +107,8 @@ class Tinting(EpochRun):
              for k in keys}) for t in self.tasks})
         trainable = [*self.merger.parameters(), *self.heads.parameters(),
                      *self.offsets.parameters()]
-        self.optimizer = torch.optim.Adam([p for p in trainable if p.requires_grad], lr=lr)
+        self.optimizer = context.runtime.adam([p for p in trainable if p.requires_grad],
+                                               lr=lr)
         # what the loss learns from, computed once per run, then reused (none: selfentropy)
         what = TARGETS[loss]
         self.targets = (context.expert_logits(experts) if what == "logits" else
@@ -137,20 +138,21 @@ class Tinting(EpochRun):
              ) -> torch.Tensor:
         """One step on one task's batch: merge on the device, forward, one backward. The
         loss stays on the device (the epoch reads its losses back at once, and checks them):
-        with the default loss nothing in the step waits for the device."""
+        nothing in the step waits for the device (Tinting++ on the CPU aside, see
+        ``optimizer_step``)."""
         images, targets = self.next_batch(task) if batch is None else batch
-        merged = self.merger()
+        merged = self.merge()
         weights = {**encoder_entries(merged), **self._tinted(merged, task)}
         with self.autocast():
             features = self.forward(weights, images)
             logits = self.heads[task](features)
         loss, kept = self.loss_fn(logits, features, targets)
         self.steps_done += 1
-        if kept == 0:  # nothing to learn from: Adam's momentum alone must not move anything
-            return loss.detach()  # (zero)
         self.optimizer.zero_grad()
         self.scaler.scale(loss).backward()
-        self.optimizer_step(self.optimizer)
+        # nothing kept (Tinting++'s sampler), nothing to learn from: Adam's momentum alone
+        # must not move anything (kept is a count on the device: skipped there where it can)
+        self.optimizer_step(self.optimizer, None if isinstance(kept, int) else kept == 0)
         return loss.detach()
 
     def benchmark(self, plain: nn.Module) -> tuple[str, int, Callable, Callable]:

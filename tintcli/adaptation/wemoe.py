@@ -217,7 +217,7 @@ class WEMoE(AdaptationRun):
         parameters = [p for m in self.routed.values() for p in m.router.parameters()]
         for p in parameters:
             p.requires_grad_(True)
-        self.optimizer = torch.optim.Adam(parameters, lr=lr, betas=(0.9, 0.999))
+        self.optimizer = context.runtime.adam(parameters, lr=lr, betas=(0.9, 0.999))
         # the authors' cosine annealing over the run's steps; FusionBench's constant lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0) \
             if schedule == "constant" else \

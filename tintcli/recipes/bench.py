@@ -28,6 +28,7 @@ from tintcli.errors import TintError
 from tintcli.io import StateDict, encoder_entries, on_device, write_json
 from tintcli.methods import Method, check_parameters, registered
 from tintcli.recipes.common import Workbench
+from tintcli.runtime import Runtime
 from tintcli.stand_in import stand_in_checkpoints
 from tintcli.tracking import versions
 
@@ -77,6 +78,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
             adaptive[name] = (method, _init_kwargs(method, cfg.get(name), architecture))
     rows, peaks, evaluation, merges = [], {}, None, []
     device, precision, tasks = resolve_device(cfg.device), None, []
+    step_path = Runtime.create(device, cfg.encoder, compile=(cfg.get("runtime") or {}).get(
+        "compile", False)).step_path  # as each Workbench's runtime resolves it
     if parts & {"evaluation", "adaptation"} or ("merges" in parts
                                                  and not cfg.get("merge_shapes")):
         bench = Workbench.load(cfg, console)
@@ -131,7 +134,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
         learned = learned_memory_models(cfg, len(tasks))
     payload = {"command": "bench", "parts": sorted(parts), "device": str(device),
                "device_name": device_name(device), "encoder": cfg.encoder.name,
-               "precision": precision, "tasks": tasks,
+               "precision": precision, "tasks": tasks, "step_path": step_path,
                "threads": torch.get_num_threads(), "evaluation": evaluation,
                "target_eval_ratio": TARGET_EVAL_RATIO, "target_ratio": TARGET_RATIO,
                "results": results, "merges": merges, "peak_memory": peaks,
@@ -142,7 +145,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
     if evaluation is not None:
         console.print(eval_table(evaluation, f"evaluation vs raw forward · {where}"))
     if results:
-        console.print(bench_table(results, f"adaptation step vs plain forward+backward · {where}"))
+        console.print(bench_table(results, f"adaptation step vs plain forward+backward · {where}"
+                                           f" · {step_path} steps"))
     if merges:
         console.print(merge_table(merges, f"data-free merges · {device_name(device)}"))
     if parts & {"evaluation", "adaptation"}:

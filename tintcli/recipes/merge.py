@@ -192,7 +192,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
     torch.manual_seed(cfg.seed)
     bench = Workbench.load(cfg, console, checked_tasks=tasks)
     title = (f"{cfg.tasks.name} · {cfg.encoder.name} · {len(bench.tasks)} tasks · "
-             f"{bench.device.type} {bench.runtime.precision}")
+             f"{bench.device.type} {bench.runtime.precision} · {bench.runtime.step_path} steps")
     log = RowLog(run_dir / PARTIAL, {
         "command": "merge",
         "overrides": overrides,
@@ -201,7 +201,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
         "device": str(bench.device),
         "precision": bench.runtime.precision,
         "pixels_on_device": bench.pixels_resident,  # runtime.resident_pixels, as it resolved
-        "step_path": "compiled" if bench.runtime.compile else "eager",  # runtime.compile
+        "step_path": bench.runtime.step_path,  # runtime.compile
         "versions": versions(),
         "pool": OmegaConf.to_container(cfg.pool, resolve=True) if "pool" in cfg else None,
         "checkpoints": bench.pool.checkpoint_hashes(),
