@@ -71,6 +71,7 @@ def test_single_method_matches_the_python_api(tint_here, tmp_path, tiny_cache):
     assert out.returncode == 0, out.stderr
     row = json.loads((tmp_path / "ta" / "results.json").read_text())["rows"][-1]
     assert row["name"] == "task_arithmetic λ=0.7"
+    assert "steps" not in out.stdout  # (no row learns: no step path in the title)
 
     cfg = compose_config()
     tasks = task_names(cfg.tasks)
@@ -183,6 +184,7 @@ def test_adaptive_methods_over_seeds_give_mean_and_std(tint_here, tmp_path):
                    "save_merged=true", f"hydra.sweep.dir={sweep}")
     assert out.returncode == 0, out.stderr
     assert "mean ± std over seeds 0, 1" in out.stdout
+    assert "cpu fp32 · eager steps" in " ".join(out.stdout.split())  # the steps' path
     summary = json.loads((sweep / "sweep.json").read_text())
     (group,) = summary["over_seeds"]
     assert group["seeds"] == [0, 1]

@@ -192,7 +192,9 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
     torch.manual_seed(cfg.seed)
     bench = Workbench.load(cfg, console, checked_tasks=tasks)
     title = (f"{cfg.tasks.name} · {cfg.encoder.name} · {len(bench.tasks)} tasks · "
-             f"{bench.device.type} {bench.runtime.precision} · {bench.runtime.step_path} steps")
+             f"{bench.device.type} {bench.runtime.precision}")
+    if any(get_method(method_cfg.name).adaptive for _, _, method_cfg in runs):
+        title += f" · {bench.runtime.step_path} steps"  # runtime.compile, for the rows that learn
     log = RowLog(run_dir / PARTIAL, {
         "command": "merge",
         "overrides": overrides,
