@@ -3,11 +3,15 @@
 # stand-in pool (random weights of ViT-B/32's real shapes, generated pixels in the eight
 # tasks' real test-set sizes, 87,433 images) through `tint bench`. Prints the card, then
 # evaluation against the raw forward (batch 512, bf16), every adaptation step against a plain
-# forward+backward, peak memory against the memory model. Put the figures in the README with
-# the card's name. A few minutes on an H200 (generating 13 GB of pixels, twice; compiling).
+# forward+backward, peak memory against the memory model, then whole Model Tinting runs
+# (4,000 steps + experts' logits + scoring: the goal is <= 30 s at ViT-B/32 x 8). Put the
+# figures in the README with the card's name. About eight minutes on an H200 (generating 13 GB
+# of pixels each call; compiling).
 #
-#   bash scripts/gpu_figures.sh                 # ViT-B/32 × vit8
-#   bash scripts/gpu_figures.sh encoder=clip_vit_l14 tasks=vit20 pool.dtype=bf16
+#   bash scripts/gpu_figures.sh                   # ViT-B/32 × vit8
+#   WHOLE_EAGER=1 bash scripts/gpu_figures.sh     # + the eager whole run
+#   WHOLE_L14=1 bash scripts/gpu_figures.sh       # + ViT-L/14 × vit20 whole, bf16, streamed
+#                                                 #   pixels (goal: <= 15 min within 40 GB)
 set -euo pipefail
 TINT=${TINT:-tint}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -17,3 +21,13 @@ $TINT bench pool=stand_in tasks=vit8 encoder=clip_vit_b32 "parts=[evaluation,ada
 # the same steps with the λ merge and the encoder through torch.compile (CUDA graphs)
 $TINT bench pool=stand_in tasks=vit8 encoder=clip_vit_b32 "parts=[adaptation]" \
     runtime.compile=true warmup=10 repeats=30 "$@"
+# a whole run: Model Tinting's 500 epochs x 8 tasks as tint merge runs it, compiled (and
+# eager with WHOLE_EAGER=1: about 3 minutes at the H200's measured 36 ms a step)
+$TINT bench pool=stand_in tasks=vit8 encoder=clip_vit_b32 "parts=[run]" runtime.compile=true "$@"
+if [ "${WHOLE_EAGER:-0}" = 1 ]; then
+    $TINT bench pool=stand_in tasks=vit8 encoder=clip_vit_b32 "parts=[run]" "$@"
+fi
+if [ "${WHOLE_L14:-0}" = 1 ]; then
+    $TINT bench pool=stand_in tasks=vit20 encoder=clip_vit_l14 "parts=[run]" pool.dtype=bf16 \
+        vectors_dtype=bf16 runtime.resident_pixels=never runtime.compile=true "$@"
+fi

@@ -333,6 +333,25 @@ def test_bench_times_every_adaptation_step_at_the_stand_in_pools_real_sizes(tint
         120 * 32 * 32 * 3
 
 
+def test_bench_times_whole_runs_end_to_end(tint_here, tmp_path):
+    """parts=[run]: each of run_methods as tint merge runs it (its YAML's schedule: every step
+    counted), timed whole; here on a stand-in of the tiny synthetic encoder (its heads as
+    wide as its features). A data-free name is refused before anything is built."""
+    common = ["bench", "pool=stand_in", *TINY, "device=cpu", "parts=[run]",
+              "tinting.epochs=2", "adamerging.steps=3"]
+    out = tint_here(*common, "run_methods=[tinting,adamerging]",
+                    f"hydra.run.dir={tmp_path / 'r'}")
+    assert out.returncode == 0, out.stderr
+    runs = json.loads((tmp_path / "r" / "bench.json").read_text())["runs"]
+    assert [(r["method"], r["steps"]) for r in runs] == [("tinting", 2 * 3), ("adamerging", 3)]
+    assert all(r["seconds"] > 0 and r["peak"] > 0 for r in runs)
+    assert "whole runs" in out.stdout
+    out = tint_here(*common, "run_methods=[ties]", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert out.returncode != 0
+    assert out.stderr.startswith("error: run_methods: ties learns nothing"), out.stderr
+    assert not (tmp_path / "bad" / "bench.json").exists()
+
+
 def test_merge_refuses_the_stand_in_pool_before_any_work(tmp_path):
     from tintcli.errors import TintError
     from tintcli.recipes.merge import check_run_config

@@ -31,6 +31,18 @@ def build_encoder(encoder_cfg: DictConfig) -> nn.Module:
                         f"({kwargs}).") from err
 
 
+def meta_encoder(encoder_cfg: DictConfig) -> nn.Module:
+    """The encoder with shapes only: no memory, no weights."""
+    with torch.device("meta"):
+        return build_encoder(encoder_cfg)
+
+
+def feature_dim(encoder_cfg: DictConfig) -> int:
+    """The width of what the encoder outputs, what a head reads: CLIP's image projection
+    (``num_classes``), else timm's features."""
+    return int(encoder_cfg.get("num_classes") or meta_encoder(encoder_cfg).num_features)
+
+
 def resolve_device(name: object) -> torch.device:
     """``auto`` picks CUDA when present, else the CPU."""
     name = str(name)

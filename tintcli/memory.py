@@ -25,15 +25,9 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tintcli.encoders import feature_dim, meta_encoder
+
 GiB = 1024 ** 3
-
-
-def meta_encoder(encoder_cfg: DictConfig) -> torch.nn.Module:
-    """The encoder with shapes only: no memory, no weights."""
-    from tintcli.encoders import build_encoder
-
-    with torch.device("meta"):
-        return build_encoder(encoder_cfg)
 
 
 _COUNTED: dict[tuple, int] = {}  # activation_bytes by (model, encoder config, batch)
@@ -194,7 +188,7 @@ def surgery_memory(encoder_cfg: DictConfig, tasks: int, images_per_task: int = 1
     adapters with their gradient and Adam's moments. ``images_per_task``: test images."""
     encoder = meta_encoder(encoder_cfg)
     params = sum(p.numel() for p in encoder.parameters())
-    dim = int(encoder_cfg.get("num_classes") or encoder.num_features)
+    dim = feature_dim(encoder_cfg)
     vector_bytes = 2 if vectors_dtype == "bf16" else 4
     terms = {
         "theta_0 + merged theta (fp32)": 2 * params * 4,

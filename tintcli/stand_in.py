@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from tintcli.encoders import feature_dim
 from tintcli.errors import TintError
 from tintcli.heads import ZeroShotHead
 from tintcli.io import StateDict, fingerprint
@@ -99,7 +100,7 @@ class StandInPool:
         return self._checkpoints()[1][task]
 
     def head(self, task: str) -> ZeroShotHead:
-        width = int(self.encoder_cfg.get("num_classes") or 512)
+        width = feature_dim(self.encoder_cfg)
         generator = torch.Generator().manual_seed(self.seed + 1 + self.tasks.index(task))
         rows = torch.randn(num_classes(self.tasks_cfg, task), width, generator=generator)
         return ZeroShotHead.from_embeddings(rows, 100.0)

@@ -9,6 +9,8 @@
   forward+backward of the encoder as an ordinary module with the same loss; target <= 1.3.
 - Memory: the peak (CUDA: allocated per measurement; CPU: the process's peak RSS), and the
   adaptation memory model (``tintcli/memory.py``) for this encoder and the configured others.
+- Whole runs (``parts=[run]``, not by default): ``run_methods`` end to end, as ``tint merge``
+  runs them on warm caches, in seconds and peak memory.
 """
 
 from __future__ import annotations
@@ -51,21 +53,77 @@ def _timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats:
     return sorted(times)[len(times) // 2]
 
 
-def _init_kwargs(method: Method, method_cfg: DictConfig | None,
-                 encoder: torch.nn.Module) -> dict:
-    """The trainer's arguments: the method's declared defaults, as the config (the method's
-    YAML under the method's name, where bench.yaml has it) overrides them; checked."""
+def _method_params(method: Method, method_cfg: DictConfig | None,
+                   encoder: torch.nn.Module) -> dict:
+    """The method's parameters: its declared defaults, as the config (the method's YAML under
+    the method's name, where bench.yaml has it) overrides them; checked."""
     params = method.defaults
     if method_cfg is not None:
         params.update(OmegaConf.to_container(method_cfg, resolve=True))
     for key in ("name", "label", "grid"):
         params.pop(key, None)
     check_parameters(method.name, params, encoder)
+    return params
+
+
+def _init_kwargs(method: Method, method_cfg: DictConfig | None,
+                 encoder: torch.nn.Module) -> dict:
+    """The trainer's arguments, out of the method's checked parameters."""
     accepted = inspect.signature(method.trainer).parameters
-    return {k: v for k, v in params.items() if k in accepted}
+    return {k: v for k, v in _method_params(method, method_cfg, encoder).items()
+            if k in accepted}
 
 
-PARTS = ("evaluation", "adaptation", "merges")
+PARTS = ("evaluation", "adaptation", "merges", "run")
+
+
+def _whole_runs(cfg: DictConfig, encoder: torch.nn.Module) -> dict[str, tuple[Method, dict]]:
+    """``parts=[run]``: the adaptive methods of ``run_methods`` with their parameters, checked
+    before any work (an unknown or data-free name is refused)."""
+    from tintcli.methods import get_method
+
+    out = {}
+    for name in cfg.get("run_methods") or ["tinting"]:
+        method = get_method(str(name))
+        if not method.adaptive:
+            raise TintError(f"run_methods: {name} learns nothing, so it has no run to time\n"
+                            "Name adaptive methods (tinting, adamerging, ...); parts=[merges] "
+                            "times the data-free ones.")
+        out[str(name)] = (method, _method_params(method, cfg.get(str(name)), encoder))
+    return out
+
+
+def time_whole_runs(bench: Workbench, runs: dict[str, tuple[Method, dict]], seed: int,
+                    console: Console) -> list[dict]:
+    """Each method end to end as ``tint merge`` runs it, on warm caches: the experts' outputs
+    on the adaptation images, every step of its schedule, and scoring the result on every
+    test split, with the peak memory of the whole (CUDA: allocated; CPU: the process's RSS).
+    What a researcher plans a run by; the table's accuracy is not reported (on a stand-in
+    pool it means nothing)."""
+    from tintcli.methods import adapt
+
+    out = []
+    for name, (method, params) in runs.items():
+        context = bench.adaptation_context(seed)  # fresh: the experts' outputs count too
+        steps = {"done": 0, "total": 0}
+        _reset_peak(bench.device)
+        with console.status(f"running {method.pretty} end to end") as status:
+            def on_step(done: int, total: int, loss: float, _lambdas, status=status,
+                        steps=steps, pretty=method.pretty) -> None:
+                steps.update(done=done, total=total)
+                status.update(f"running {pretty} end to end: step {done}/{total}, "
+                              f"loss {loss:.4f}")
+
+            context.on_step = on_step
+            start = time.perf_counter()
+            bench.score_merged(adapt(name, bench.pretrained, bench.experts, context, **params))
+            if bench.device.type == "cuda":
+                torch.cuda.synchronize(bench.device)
+            seconds = time.perf_counter() - start
+        out.append({"method": name, "pretty": method.pretty, "steps": steps["total"],
+                    "seconds": seconds, "peak": _peak(bench.device)})
+        console.print(f"  {method.pretty}: {steps['total']} steps, whole run {seconds:.1f} s")
+    return out
 
 
 def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
@@ -76,12 +134,13 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
         if method.adaptive and "adaptation" in parts and method.trainer not in trainers:
             trainers.add(method.trainer)  # checked first
             adaptive[name] = (method, _init_kwargs(method, cfg.get(name), architecture))
-    rows, peaks, evaluation, merges = [], {}, None, []
+    whole = _whole_runs(cfg, architecture) if "run" in parts else {}
+    rows, peaks, evaluation, merges, runs = [], {}, None, [], []
     device, precision, tasks = resolve_device(cfg.device), None, []
     step_path = Runtime.create(device, cfg.encoder, compile=(cfg.get("runtime") or {}).get(
         "compile", False)).step_path  # as each Workbench's runtime resolves it
-    if parts & {"evaluation", "adaptation"} or ("merges" in parts
-                                                 and not cfg.get("merge_shapes")):
+    if parts & {"evaluation", "adaptation", "run"} or ("merges" in parts
+                                                        and not cfg.get("merge_shapes")):
         bench = Workbench.load(cfg, console)
         device, precision, tasks = bench.device, bench.runtime.precision, bench.tasks
         context = bench.adaptation_context(cfg.seed)
@@ -105,6 +164,9 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
                 rows.append((step, size, measure(ours), measure(base)))
                 peaks[name] = _peak(bench.device)
                 del trainer
+
+        if whole:
+            runs = time_whole_runs(bench, whole, cfg.seed, console)
 
         if "merges" in parts:
             merges = merge_costs(*on_device(bench.pretrained, bench.experts, bench.device),
@@ -137,7 +199,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
                "precision": precision, "tasks": tasks, "step_path": step_path,
                "threads": torch.get_num_threads(), "evaluation": evaluation,
                "target_eval_ratio": TARGET_EVAL_RATIO, "target_ratio": TARGET_RATIO,
-               "results": results, "merges": merges, "peak_memory": peaks,
+               "results": results, "merges": merges, "runs": runs, "peak_memory": peaks,
                "memory_models": models, "learned_memory_models": learned,
                "versions": versions(), "config": OmegaConf.to_container(cfg, resolve=True)}
     write_json(run_dir / "bench.json", payload)
@@ -147,6 +209,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
     if results:
         console.print(bench_table(results, f"adaptation step vs plain forward+backward · {where}"
                                            f" · {step_path} steps"))
+    if runs:
+        console.print(runs_table(runs, f"whole runs · {where} · {step_path} steps"))
     if merges:
         console.print(merge_table(merges, f"data-free merges · {device_name(device)}"))
     if parts & {"evaluation", "adaptation"}:
@@ -158,7 +222,7 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
 
 def _parts(cfg: DictConfig) -> set[str]:
     """The parts to measure (``parts=[merges]`` times only the data-free merges)."""
-    parts = set(cfg.get("parts") or PARTS)
+    parts = set(cfg.get("parts") or PARTS[:3])  # (a whole run only when asked for)
     unknown = sorted(parts - set(PARTS))
     if unknown:
         raise TintError(f"parts={unknown[0]} is not a part tint bench measures\n"
@@ -289,6 +353,18 @@ def bench_table(results: list[dict], title: str) -> Table:
         table.add_row(r["step"], str(r["batch"]), f"{1000 * r['adaptive_s']:.1f}",
                       f"{1000 * r['plain_s']:.1f}", f"{r['ratio']:.2f} {ok}",
                       f"{r['steps_per_s']:.1f}")
+    return table
+
+
+def runs_table(runs: list[dict], title: str) -> Table:
+    table = Table(title=title, title_justify="left", caption="experts' outputs, every step, "
+                  "and scoring every test split; caches warm")
+    for column in ("method", "steps", "whole run s", "ms/step (all in)", "peak GiB"):
+        table.add_column(column, justify="left" if column == "method" else "right")
+    for r in runs:
+        table.add_row(r["pretty"], str(r["steps"]), f"{r['seconds']:.1f}",
+                      f"{1000 * r['seconds'] / max(r['steps'], 1):.1f}",
+                      f"{r['peak'] / 2**30:.2f}")
     return table
 
 
