@@ -646,17 +646,6 @@ def test_a_compiled_adamerging_step_learns_what_the_eager_step_learns(bench):
     assert (eager_lambdas - 0.3).abs().max() > 1e-3  # (it learned)
 
 
-def _operations(step) -> int:
-    """The operations ``step()`` launches, as the torch profiler records them: each aten call
-    made outside another (inside a compiled graph, inductor's fused kernels replace them). On
-    a GPU each is a kernel launch or more, and it is their count, not the arithmetic, that
-    bounds a small model's step."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        step()
-    return sum(1 for event in profile.events() if event.name.startswith("aten::") and (
-        event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")))
-
-
 def test_the_compiled_step_learns_what_the_eager_step_learns(bench):
     """runtime.compile=true runs the adaptation step's merge and encoder through torch.compile
     (on a GPU, as CUDA graphs): on the CPU, three epochs of Model Tinting give the eager run's
@@ -681,5 +670,7 @@ def test_the_compiled_step_learns_what_the_eager_step_learns(bench):
     assert compiled == pytest.approx(eager, rel=1e-5, abs=1e-6)
     assert torch.allclose(compiled_lambdas, eager_lambdas, atol=1e-6)
     assert not torch.equal(eager_lambdas, torch.full_like(eager_lambdas, 0.3))  # (it learned)
-    launched = _operations(lambda: compiled_run.step("digits"))
-    assert launched < _operations(lambda: run.step("digits")) / 2
+    from tintcli.recipes.bench import operations
+
+    launched = operations(lambda: compiled_run.step("digits"))
+    assert launched < operations(lambda: run.step("digits")) / 2

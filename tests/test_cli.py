@@ -317,6 +317,10 @@ def test_bench_times_every_adaptation_step_at_the_stand_in_pools_real_sizes(tint
     # task's batch (a split smaller than a batch: all of it); LOT's closed form every task's
     # exemplars (64, or the whole smaller split)
     assert [r["batch"] for r in results] == [32 + 24 + 32, 48 + 24 + 48, 16, 32, 3 * 16]
+    # each step's launches, counted by the profiler (Surgery's adapter step on cached
+    # features launches far fewer than a forward+backward of the encoder)
+    surgery = results[2]
+    assert 0 < surgery["adaptive_ops"] < surgery["plain_ops"] / 2
     assert "ratio" in out.stdout
     # evaluation is timed over every task's whole test split, as a run scores it
     assert (payload["evaluation"]["tasks"], payload["evaluation"]["images"]) == (3, 120)

@@ -38,6 +38,17 @@ TARGET_RATIO = 1.3
 TARGET_EVAL_RATIO = 0.9
 
 
+def operations(fn: Callable[[], object]) -> int:
+    """The operations one call of ``fn`` launches, as the torch profiler records them: each
+    aten call made outside another (in a compiled graph, inductor's fused kernels stand for
+    many). On a GPU each is a kernel launch or more, and a small model's step is bound by
+    their count, not by its arithmetic: a figure any CPU gives."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return sum(1 for event in profile.events() if event.name.startswith("aten::") and (
+        event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")))
+
+
 def _timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
     """Median seconds per call."""
     times = []
@@ -161,7 +172,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
             with console.status(f"timing {method.pretty} steps"):
                 trainer = method.trainer(bench.pretrained, bench.experts, context, **kwargs)
                 step, size, ours, base = trainer.benchmark(plain)
-                rows.append((step, size, measure(ours), measure(base)))
+                rows.append((step, size, measure(ours), measure(base), operations(ours),
+                             operations(base)))
                 peaks[name] = _peak(bench.device)
                 del trainer
 
@@ -187,7 +199,8 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
         del pretrained, experts
 
     results = [{"step": name, "batch": size, "adaptive_s": ours, "plain_s": base,
-                "ratio": ours / base, "steps_per_s": 1 / ours} for name, size, ours, base in rows]
+                "ratio": ours / base, "steps_per_s": 1 / ours, "adaptive_ops": ours_ops,
+                "plain_ops": base_ops} for name, size, ours, base, ours_ops, base_ops in rows]
     models, learned = [], []  # (printed with the evaluation and adaptation parts)
     if parts & {"evaluation", "adaptation"}:
         pixels = sum(s.images.numel() for s in bench.test_data.values())
@@ -345,14 +358,16 @@ def merge_table(costs: list[dict], title: str) -> Table:
 
 def bench_table(results: list[dict], title: str) -> Table:
     table = Table(title=title, title_justify="left",
-                  caption=f"median of timed steps; target ratio ≤ {TARGET_RATIO}")
-    for column in ("step", "images", "adaptive ms", "plain ms", "ratio", "steps/s"):
+                  caption=f"median of timed steps; target ratio ≤ {TARGET_RATIO}; operations: "
+                  "aten calls one step launches (the torch profiler's count)")
+    for column in ("step", "images", "adaptive ms", "plain ms", "ratio", "steps/s",
+                   "operations (plain)"):
         table.add_column(column, justify="left" if column == "step" else "right")
     for r in results:
         ok = "[green]✓[/]" if r["ratio"] <= TARGET_RATIO else "[red]✗[/]"
         table.add_row(r["step"], str(r["batch"]), f"{1000 * r['adaptive_s']:.1f}",
                       f"{1000 * r['plain_s']:.1f}", f"{r['ratio']:.2f} {ok}",
-                      f"{r['steps_per_s']:.1f}")
+                      f"{r['steps_per_s']:.1f}", f"{r['adaptive_ops']} ({r['plain_ops']})")
     return table
 
 
