@@ -16,6 +16,12 @@ set -euo pipefail
 TINT=${TINT:-tint}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+# first, on this GPU: the compiled steps (CUDA graphs) learn what the eager ones do, and no
+# Model Tinting step reads anything back (the tests' CUDA cases; skipped where no CUDA is)
+if python -c "import pytest" 2>/dev/null; then
+    python -m pytest -q -p no:cacheprovider -rs tests/test_adaptation.py -k "compiled or waits" \
+        || echo "the GPU checks above FAILED: runtime.compile=true is not safe on this card"
+fi
 $TINT bench pool=stand_in tasks=vit8 encoder=clip_vit_b32 "parts=[evaluation,adaptation]" \
     runtime.resident_pixels=auto warmup=5 repeats=30 eval_repeats=3 "$@"
 # the same steps with the λ merge and the encoder through torch.compile (CUDA graphs)
