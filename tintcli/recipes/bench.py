@@ -15,9 +15,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import os
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -43,10 +46,31 @@ def operations(fn: Callable[[], object]) -> int:
     aten call made outside another (in a compiled graph, inductor's fused kernels stand for
     many). On a GPU each is a kernel launch or more, and a small model's step is bound by
     their count, not by its arithmetic: a figure any CPU gives."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+    profile = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+    with _native_stderr_silenced():  # (kineto writes lines of its own as it starts and stops)
+        profile.start()
+    try:
         fn()
+    finally:
+        with _native_stderr_silenced():
+            profile.stop()
     return sum(1 for event in profile.events() if event.name.startswith("aten::") and (
         event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::")))
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 pointed at /dev/null for the block: what C++ writes there directly,
+    past Python's sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _timed(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
