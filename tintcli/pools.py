@@ -43,7 +43,7 @@ from tintcli.io import (
     file_sha256,
     load_state_dict,
 )
-from tintcli.tasks import num_classes
+from tintcli.tasks import TaskSplit, num_classes
 from tintcli.tasks.synthetic import SYNTH_FAMILIES
 
 
@@ -70,6 +70,9 @@ class Pool(Protocol):
     def data_digests(self) -> dict[str, dict[str, str]] | None:
         """Per task, the digests of the data its reference accuracies were measured on; None
         where it measured none (the test data the run loads is then what they are on)."""
+
+    def test_splits(self) -> dict[str, TaskSplit] | None:
+        """The pool's own test data (the stand-in's, generated); None: the task set's."""
 
 
 def load_pool(cfg: DictConfig, tasks: list[str], encoder: nn.Module, device: torch.device,
@@ -170,6 +173,9 @@ class FilePool:
 
     def data_digests(self) -> None:
         return None  # the references are measured on the test data the run loads
+
+    def test_splits(self) -> None:
+        return None  # the task set's
 
 
 # ------------------------------------------------------------------------- the formats

@@ -36,6 +36,17 @@ def resolve_precision(name: object, device: torch.device) -> str:
     return name
 
 
+def runtime_options(cfg: DictConfig) -> dict:
+    """A run config's settings of how tensors are computed (``precision``, the ``eval:`` and
+    ``runtime:`` blocks), as ``Runtime.create`` takes them."""
+    evaluation, runtime = cfg.get("eval") or {}, cfg.get("runtime") or {}
+    return {"precision": cfg.get("precision", "auto"),
+            "batch_size": int(evaluation.get("batch_size", 512)),
+            "workers": int(evaluation.get("workers", 2)),
+            "resident_pixels": runtime.get("resident_pixels", "auto"),
+            "compile": runtime.get("compile", False)}
+
+
 def check_residency(value: object) -> str:
     """``runtime.resident_pixels``: one of ``RESIDENCY``."""
     if str(value) not in RESIDENCY:
@@ -113,8 +124,8 @@ class Runtime:
 
     def adam(self, params, **options) -> torch.optim.Adam:
         """Adam for an adaptation run: on CUDA fused (one kernel a step for every parameter,
-        and a step it can skip on the device, see ``skip_step``), else torch's default (on
-        the CPU: today's numbers, exactly)."""
+        and a step it can skip on the device: ``AdaptationRun.optimizer_step``), else torch's
+        default (on the CPU: today's numbers, exactly)."""
         return torch.optim.Adam(params, fused=self.device.type == "cuda" or None, **options)
 
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from tintcli.encoders import feature_dim
+from tintcli.encoders import build_encoder, feature_dim
 from tintcli.errors import TintError
 from tintcli.heads import ZeroShotHead
 from tintcli.io import StateDict, fingerprint
@@ -35,8 +35,6 @@ def stand_in_checkpoints(encoder_cfg: DictConfig, tasks: list[str] | int, dtype:
     """Random checkpoints of an encoder's real shapes: θ0 and one expert θ0 + τ per task with
     small random τ (``scale``), in ``dtype`` (bf16 halves an L/14 × 20 pool: 12 GB), made on
     ``device``. ``tasks``: the experts' names, or how many (named task0, task1, ...)."""
-    from tintcli.encoders import build_encoder
-
     names = [f"task{t}" for t in range(tasks)] if isinstance(tasks, int) else list(tasks)
     with torch.random.fork_rng(devices=[]):  # the encoder's initialisation, seeded, in private
         torch.manual_seed(seed)
@@ -58,8 +56,7 @@ def test_image_counts(tasks_cfg: DictConfig, tasks: list[str]) -> dict[str, int]
     counts = {}
     for task in tasks:
         spec = (tasks_cfg.get("data") or {}).get(task) or {}
-        count = tasks_cfg.get("test_size") if tasks_cfg.source == "synthetic" else \
-            spec.get("test_images")
+        count = cap if tasks_cfg.source == "synthetic" else spec.get("test_images")
         if count is None:
             raise TintError(f"pool=stand_in needs the size of the test split of task "
                             f"'{task}', and conf/task/{task}.yaml gives none\nAdd "
@@ -108,7 +105,7 @@ class StandInPool:
     def test_splits(self) -> dict[str, TaskSplit]:
         """uint8 pixels [N, H, W, 3] and labels for every task, generated (N: its real
         test-set size), in host memory as the pixel cache's would be."""
-        splits = {}
+        splits, digests = {}, self.data_digests()
         for i, (task, count) in enumerate(self.counts.items()):
             generator = torch.Generator().manual_seed(self.seed + 1000 + i)
             images = torch.randint(0, 256, (count, self.image_size, self.image_size, 3),
@@ -117,7 +114,7 @@ class StandInPool:
                                    generator=generator)
             splits[task] = TaskSplit(task, "test", images, labels,
                                      num_classes(self.tasks_cfg, task),
-                                     self.data_digests()[task]["test"],
+                                     digests[task]["test"],
                                      {"stand_in": {"seed": self.seed, "images": count}})
         return splits
 

@@ -19,7 +19,6 @@ from tintcli.adaptation import (
     AdaptationRun,
     Adapted,
     check_common,
-    read_losses,
 )
 from tintcli.adaptation.losses import entropy
 from tintcli.checks import number, one_of, whole
@@ -64,8 +63,7 @@ class AdaMerging(AdaptationRun):
             loss = entropy(logits)
             self.scaler.scale(loss).backward()
             losses.append(loss.detach())
-        total = sum(read_losses(losses, self.name,  # one read, checked
-                                [(self.steps_done + 1, task) for task in self.tasks]))
+        total = self.step_loss(losses)
         self.optimizer.zero_grad()
         torch.autograd.backward([merged[k] for k in keys], [leaves[k].grad for k in keys])
         self.optimizer_step(self.optimizer)

@@ -259,6 +259,12 @@ class AdaptationRun:
     def autocast(self):
         return self.context.runtime.autocast()
 
+    def step_loss(self, losses: list[torch.Tensor]) -> float:
+        """A step over every task (AdaMerging, WEMoE): its tasks' losses, one per task, read
+        back at once and checked (``read_losses``), summed."""
+        return sum(read_losses(losses, self.name,
+                               [(self.steps_done + 1, task) for task in self.tasks]))
+
     def optimizer_step(self, optimizer: torch.optim.Optimizer,
                        skip: torch.Tensor | None = None) -> None:
         """Step on gradients backpropagated from ``self.scaler.scale(loss)``. ``skip``: a

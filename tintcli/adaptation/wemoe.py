@@ -37,7 +37,6 @@ from tintcli.adaptation.run import (
     AdaptationRun,
     Adapted,
     check_common,
-    read_losses,
 )
 from tintcli.checks import number, one_of, whole
 from tintcli.io import StateDict, encoder_entries
@@ -244,8 +243,7 @@ class WEMoE(AdaptationRun):
             for hook in hooks:
                 hook.remove()
             set_routing(self.model, "sample")
-        total = sum(read_losses(losses, self.name,  # one read, checked
-                                [(self.steps_done + 1, task) for task in self.tasks]))
+        total = self.step_loss(losses)
         self.optimizer_step(self.optimizer)
         self.scheduler.step()
         self.steps_done += 1

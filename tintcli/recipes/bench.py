@@ -31,9 +31,8 @@ from rich.table import Table
 from tintcli.encoders import build_encoder, resolve_device
 from tintcli.errors import TintError
 from tintcli.io import StateDict, encoder_entries, on_device, write_json
-from tintcli.methods import Method, check_parameters, registered
+from tintcli.methods import Method, adapt, check_parameters, get_method, registered
 from tintcli.recipes.common import Workbench
-from tintcli.runtime import Runtime
 from tintcli.stand_in import stand_in_checkpoints
 from tintcli.tracking import versions
 
@@ -115,8 +114,6 @@ PARTS = ("evaluation", "adaptation", "merges", "run")
 def _whole_runs(cfg: DictConfig, encoder: torch.nn.Module) -> dict[str, tuple[Method, dict]]:
     """``parts=[run]``: the adaptive methods of ``run_methods`` with their parameters, checked
     before any work (an unknown or data-free name is refused)."""
-    from tintcli.methods import get_method
-
     out = {}
     for name in cfg.get("run_methods") or ["tinting"]:
         method = get_method(str(name))
@@ -135,17 +132,15 @@ def time_whole_runs(bench: Workbench, runs: dict[str, tuple[Method, dict]], seed
     test split, with the peak memory of the whole (CUDA: allocated; CPU: the process's RSS).
     What a researcher plans a run by; the table's accuracy is not reported (on a stand-in
     pool it means nothing)."""
-    from tintcli.methods import adapt
-
     out = []
     for name, (method, params) in runs.items():
         context = bench.adaptation_context(seed)  # fresh: the experts' outputs count too
-        steps = {"done": 0, "total": 0}
+        steps = [0]  # the schedule's, as the run reports it
         _reset_peak(bench.device)
         with console.status(f"running {method.pretty} end to end") as status:
             def on_step(done: int, total: int, loss: float, _lambdas, status=status,
                         steps=steps, pretty=method.pretty) -> None:
-                steps.update(done=done, total=total)
+                steps[0] = total
                 status.update(f"running {pretty} end to end: step {done}/{total}, "
                               f"loss {loss:.4f}")
 
@@ -155,9 +150,9 @@ def time_whole_runs(bench: Workbench, runs: dict[str, tuple[Method, dict]], seed
             if bench.device.type == "cuda":
                 torch.cuda.synchronize(bench.device)
             seconds = time.perf_counter() - start
-        out.append({"method": name, "pretty": method.pretty, "steps": steps["total"],
+        out.append({"method": name, "pretty": method.pretty, "steps": steps[0],
                     "seconds": seconds, "peak": _peak(bench.device)})
-        console.print(f"  {method.pretty}: {steps['total']} steps, whole run {seconds:.1f} s")
+        console.print(f"  {method.pretty}: {steps[0]} steps, whole run {seconds:.1f} s")
     return out
 
 
@@ -171,13 +166,12 @@ def run(cfg: DictConfig, run_dir: Path, console: Console) -> dict:
             adaptive[name] = (method, _init_kwargs(method, cfg.get(name), architecture))
     whole = _whole_runs(cfg, architecture) if "run" in parts else {}
     rows, peaks, evaluation, merges, runs = [], {}, None, [], []
-    device, precision, tasks = resolve_device(cfg.device), None, []
-    step_path = Runtime.create(device, cfg.encoder, compile=(cfg.get("runtime") or {}).get(
-        "compile", False)).step_path  # as each Workbench's runtime resolves it
+    device, precision, tasks, step_path = resolve_device(cfg.device), None, [], None
     if parts & {"evaluation", "adaptation", "run"} or ("merges" in parts
                                                         and not cfg.get("merge_shapes")):
         bench = Workbench.load(cfg, console)
         device, precision, tasks = bench.device, bench.runtime.precision, bench.tasks
+        step_path = bench.runtime.step_path  # runtime.compile
         context = bench.adaptation_context(cfg.seed)
         plain = bench.encoder.train(False)
         plain.load_state_dict(encoder_entries(bench.pretrained))

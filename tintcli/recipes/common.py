@@ -18,8 +18,7 @@ from tintcli.io import StateDict, fingerprint
 from tintcli.merged import Merged
 from tintcli.paths import cache_dir
 from tintcli.pools import Pool, check_experts_beat_zero_shot, load_pool
-from tintcli.runtime import PRECISIONS, Runtime
-from tintcli.stand_in import StandInPool
+from tintcli.runtime import PRECISIONS, Runtime, runtime_options
 from tintcli.tasks import TaskSplit, check_image_size, load_split, task_names
 from tintcli.zoo import Zoo
 
@@ -49,17 +48,14 @@ class Workbench:
         encoder's image size, so that neither is done twice. (The encoder is built here, after
         the recipe seeded torch, whose generator its initialisation draws from, as always.)"""
         device = resolve_device(cfg.device)
-        runtime = Runtime.create(device, cfg.encoder, cfg.get("precision", "auto"),
-                                 *_eval_settings(cfg),
-                                 (cfg.get("runtime") or {}).get("resident_pixels", "auto"),
-                                 (cfg.get("runtime") or {}).get("compile", False))
+        runtime = Runtime.create(device, cfg.encoder, **runtime_options(cfg))
         encoder = build_encoder(cfg.encoder)
         tasks = checked_tasks
         if tasks is None:
             tasks = task_names(cfg.tasks)
             check_image_size(encoder, cfg.tasks, cfg.encoder)
         pool = load_pool(cfg, tasks, encoder, device, console)
-        test = pool.test_splits() if isinstance(pool, StandInPool) else {  # generated
+        test = pool.test_splits() or {
             t: load_split(cfg.tasks, cfg.encoder, t, "test", console) for t in tasks}
         with console.status(f"loading the {pool.kind} pool's checkpoints"):
             pretrained = pool.pretrained()
@@ -191,7 +187,3 @@ class Workbench:
                        {"device": self.device.type, "precision": self.runtime.precision,
                         "torch": torch.__version__})
 
-
-def _eval_settings(cfg: DictConfig) -> tuple[int, int]:
-    settings = cfg.get("eval") or {}
-    return int(settings.get("batch_size", 512)), int(settings.get("workers", 2))

@@ -33,7 +33,7 @@ from tintcli.methods import adapt, check_parameters, get_method
 from tintcli.objective import check_objective
 from tintcli.recipes.common import Workbench
 from tintcli.report import progress_bar, realism_text, results_table
-from tintcli.runtime import check_compile, check_residency, resolve_precision
+from tintcli.runtime import check_compile, check_residency, resolve_precision, runtime_options
 from tintcli.selection import choose
 from tintcli.stand_in import check_not_stand_in
 from tintcli.tasks import check_image_size, describe, task_names
@@ -97,8 +97,9 @@ def check_run_config(cfg: DictConfig) -> list[str]:
                 and (value > 0 or key == "workers")):
             raise TintError(f"eval.{key}={value} must be a whole number "
                             f"{'>= 0' if key == 'workers' else '>= 1'}")
-    check_residency((cfg.get("runtime") or {}).get("resident_pixels", "auto"))
-    check_compile((cfg.get("runtime") or {}).get("compile", False))
+    options = runtime_options(cfg)
+    check_residency(options["resident_pixels"])
+    check_compile(options["compile"])
     if not isinstance((cfg.get("eval") or {}).get("validation", False), bool):
         raise TintError(f"eval.validation={cfg.eval.validation} must be true or false")
     tasks = task_names(cfg.tasks)
