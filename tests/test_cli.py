@@ -1,6 +1,9 @@
 """`tint` end to end through its command line, as a researcher would run it."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import TINY, compose_config
@@ -120,9 +123,55 @@ def test_unknown_method_and_bad_override_are_clear(tint_here):
     assert "Could not find 'method/nope'" in _first_line(out)
     assert "Traceback" not in out.stderr
     out = tint_here("merge", *TINY, "method=ties", "method.lamda=0.5")
-    assert out.returncode != 0
-    assert "Could not override 'method.lamda'" in _first_line(out)
-    assert "Traceback" not in out.stderr
+    assert out.returncode == 2
+    assert _first_line(out) == "error: method=ties has no setting 'method.lamda'"
+    assert out.stderr.splitlines()[1].strip() == "method has: name, top_k, merge, lam, label"
+    assert "Traceback" not in out.stderr and not (Path.cwd() / "runs").exists()
+
+
+@pytest.mark.parametrize("args, first, has", [
+    (["method=all", "method.methods.tsv_m.nonexistent=1"],
+     "method=all has no setting 'method.methods.tsv_m.nonexistent'",
+     "method.methods.tsv_m has: name, alpha, device, grid, patience"),
+    # a sweep over methods: the one that lacks the setting is named
+    (["method=tsv_m,ties", "method.alpha=1.0"], "method=ties has no setting 'method.alpha'",
+     "method has: name, top_k, merge, lam, label"),
+    (["method=iso_c", "method.alpha.x=1"], "method=iso_c has no setting 'method.alpha.x'",
+     "method.alpha is a value, not a group"),
+])
+def test_a_setting_the_method_lacks_is_one_line_naming_what_it_has(tint_here, args, first,
+                                                                     has):
+    out = tint_here("merge", *(["-m"] if "," in " ".join(args) else []), *TINY, *args)
+    assert out.returncode == 2
+    assert _first_line(out) == f"error: {first}"
+    assert out.stderr.splitlines()[1].strip().startswith(has)
+    assert "Traceback" not in out.stderr and not (Path.cwd() / "runs").exists()
+
+
+def test_a_setting_the_method_has_passes_the_check(tint_here):
+    out = tint_here("merge", *TINY, "method=tsv_m", "method.alpha=1.0", "method.grid.alpha=[1]",
+                    "--cfg", "job")
+    assert out.returncode == 0, out.stderr
+
+
+def test_the_readmes_python_route_composes_the_config_by_itself(tmp_path):
+    """The README's "Python API" block that composes tint's config, run as it is in a fresh
+    interpreter: nothing registers the methods' declared parameters beforehand (it failed
+    with "Could not load 'method/declared/ties'" unless register_configs() was called)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(readme)
+                 if line.startswith("    from hydra import compose"))
+    block = []
+    for line in readme[start:]:
+        if line and not line.startswith("    "):
+            break
+        block.append(line[4:])
+    script = tmp_path / "compose.py"
+    script.write_text("\n".join(block))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "0.4" in out.stdout  # the block prints the method's config it composed
 
 
 def test_unknown_command(tint_here):

@@ -22,7 +22,7 @@ def scaled():
         calls["delta"] += 1
         return {k: sum(e[k] - v for e in experts.values()) for k, v in pretrained.items()}
 
-    def check(params, encoder=None):
+    def check(params, encoder=None, tasks=None):
         if "alpha" in params and not params["alpha"] > 0:
             raise ValueError(f"alpha={params['alpha']} must be a positive number")
 
@@ -94,11 +94,13 @@ def test_every_methods_config_is_what_its_signature_declares():
         if name.endswith("_for_test"):
             continue
         cfg = compose_config(overrides=[f"method={name}"]).method
-        params = {k: v for k, v in cfg.items() if k not in ("name", "label", "grid")}
+        params = {k: v for k, v in cfg.items()
+                  if k not in ("name", "label", "grid", "patience")}
         if name == "tinting":
             params["sampler"] = method.defaults["sampler"]  # the sampler group's, all
         assert params == method.defaults, name
         assert ("grid" in cfg) == bool(method.search), name
+        assert cfg.get("patience") == method.patience, name  # the search's early stopping
 
 
 def test_a_chosen_parameter_is_null_in_the_config_and_a_number_fixes_it():
@@ -188,3 +190,100 @@ def test_a_per_task_parameter_is_chosen_by_each_tasks_own_validation_then_the_gr
     assert search["per_task"]["lam"]["chosen"] == {"a": 0.2, "b": 0.6}
     assert [t["value"] for t in search["per_task"]["lam"]["trials"]] == [0.2, 0.4, 0.6]
     assert seen == [{"a": 0.2, "b": 0.6}] * 2 and search["chosen"] == {"alpha": 2.0}
+
+
+def _random_pool(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"cls_token": (1, 1, 8), "pos_embed": (1, 5, 8), "patch_embed.proj.weight":
+              (8, 3, 2, 2), "blocks.0.attn.qkv.weight": (24, 8), "blocks.0.attn.qkv.bias": (24,),
+              "blocks.0.mlp.fc1.weight": (16, 8), "blocks.1.mlp.fc2.weight": (8, 16),
+              "blocks.1.norm1.weight": (8,), "norm.weight": (8,), "head.weight": (4, 8)}
+    pretrained = {k: torch.randn(s, generator=generator) for k, s in shapes.items()}
+    experts = {t: {k: v + 0.1 * torch.randn(v.shape, generator=generator)
+                   for k, v in pretrained.items()} for t in ("a", "b", "c")}
+    return pretrained, experts
+
+
+def test_only_a_method_that_declares_an_orientation_depends_on_how_a_matrix_is_stored():
+    """A checkpoint format may store a matrix transposed (open_clip's ``visual.proj`` is
+    timm's ``head.weight``ᵀ). Every data-free method is run on the pool and on the pool with
+    every matrix transposed: the results must be each other's transposes (to rounding) for
+    every method but those that declare ``orientation`` (ISO-CTS, which removes its common
+    space from the left), where they must not. Catches a method that is not
+    transpose-equivariant yet follows no source format (the trap ISO-CTS fell into)."""
+    from tintcli.selection import searched
+
+    pretrained, experts = _random_pool()
+    flip = lambda state: {k: v.T.contiguous() if v.dim() == 2 else v  # noqa: E731
+                          for k, v in state.items()}
+    for name, method in registered().items():
+        if method.adaptive or name.endswith("_for_test"):
+            continue
+        params = method.defaults
+        point = {**params, **{k: v[0] for k, v in searched(method, params, None).items()}}
+        if "orientation" in point:
+            point["orientation"] = "hf"  # decompose every matrix as given
+        plain = run(name, pretrained, experts, **point)
+        flipped = run(name, flip(pretrained), {t: flip(e) for t, e in experts.items()},
+                      **point)
+        same = all(torch.allclose(flip(flipped.task_state(t))[k], plain.task_state(t)[k],
+                                  rtol=1e-4, atol=1e-5)
+                   for t in experts for k in pretrained)
+        assert same == ("orientation" not in params), name
+
+
+def _monotone_pool():
+    """1-D tensors in two blocks: a merged weight that grows with α (TSV-M, ISO: the mean τ)
+    and with β (LiNeS: block 1's scale)."""
+    pretrained = {"blocks.0.w": torch.zeros(2), "blocks.1.w": torch.zeros(2)}
+    experts = {"a": {k: torch.tensor([1.0, 0.0]) for k in pretrained},
+               "b": {k: torch.tensor([0.0, 1.0]) for k in pretrained}}
+    return pretrained, experts
+
+
+@pytest.mark.parametrize("name, patience, chosen, scored", [
+    ("tsv_m", None, {"alpha": 3.0}, 30),
+    ("lines_ta", None, {"beta": 1.0}, 10),
+    ("iso_c", 3, {"alpha": 0.4}, 4),
+    ("iso_cts", 3, {"alpha": 0.4}, 4),
+    ("iso_cts", None, {"alpha": 3.0}, 30),
+])
+def test_each_method_chooses_as_its_authors_do(name, patience, chosen, scored):
+    """TSV-M, ISO and LiNeS choose by average normalised accuracy on validation (each
+    repository's ``find_optimal_coef(..., metric="avg_normalized_top1")``), and ISO's sweep
+    stops after 3 points that do not raise the plain average (iso-merging's early stopping).
+    Here task a falls and task b rises with the merged weight, and b's expert is weak: the
+    plain average peaks at the first point, the normalised one at the last, and ISO's early
+    stop leaves four points to choose from."""
+    method = registered()[name]
+    assert method.choose_by == "normalized_average" and method.patience == (
+        3 if name.startswith("iso") else None)
+
+    def score(merged):
+        m = float(merged.state["blocks.1.w"].sum())
+        return {"a": 1 - 0.1 * m, "b": 0.05 * m}
+
+    params = {**method.defaults, **({"orientation": "hf"} if name == "iso_cts" else {})}
+    merged = choose(method, *_monotone_pool(), params, None, score,
+                    normalize={"a": 1.0, "b": 0.1}, patience=patience)
+    search = merged.info["search"]
+    assert search["chosen"] == chosen and search["metric"] == "normalized_average"
+    assert len(search["trials"]) == scored == search["stopping"]["scored"]
+
+
+def test_early_stopping_counts_points_in_a_row_not_above_the_best_average(scaled):
+    """iso-merging's rule: the best average so far starts at 0, a point strictly above it
+    resets the count, any other (equal included) adds one, and the search ends at the third
+    in a row; the choice is among the points scored (ties: the first)."""
+    method, _ = scaled
+    averages = {0.1: 0.5, 0.2: 0.6, 0.3: 0.6, 0.4: 0.55, 0.5: 0.7, 0.6: 0.65, 0.7: 0.7,
+                0.8: 0.69, 0.9: 0.99, 1.0: 0.99}
+    grid = {"alpha": list(averages)}
+    score = lambda merged: {"a": averages[round(float(merged.state["w"][0]), 1)]}  # noqa: E731
+    stopped = choose(method, *POOL, {"alpha": None}, grid, score, patience=3).info["search"]
+    assert [t["params"]["alpha"] for t in stopped["trials"]] == [0.1, 0.2, 0.3, 0.4, 0.5,
+                                                                  0.6, 0.7, 0.8]
+    assert stopped["chosen"] == {"alpha": 0.5}
+    assert stopped["stopping"]["patience"] == 3 and stopped["stopping"]["of"] == 10
+    whole = choose(method, *POOL, {"alpha": None}, grid, score).info["search"]
+    assert whole["chosen"] == {"alpha": 0.9} and whole["stopping"]["rule"] == "whole grid"

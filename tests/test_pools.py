@@ -153,6 +153,11 @@ def test_merge_over_a_task_vectors_pool_runs_every_method(tint_here, tmp_path, r
     assert len(names) == 2 + 21 and "Model Tinting++" in names and "emr" in names
     assert {"WEMoE", "LOT Merging", "ProbSurgery w/ AdaMerging"} <= set(names)
     assert results["pool"]["kind"] == "task_vectors" and results["realism"] is None
+    # open_clip's format stores the projection transposed: ISO-CTS follows it, and says so
+    assert results["layout"]["source_format"] == "open_clip"
+    assert results["layout"]["stored_transposed"] == {"head.weight": "visual.proj"}
+    iso_cts = next(r for r in results["rows"] if r.get("method") == "iso_cts")
+    assert iso_cts["params"]["orientation"] == "open_clip"
     zeroshot, experts = results["rows"][0], results["rows"][1]
     assert all(experts["accuracy"][t] > zeroshot["accuracy"][t] for t in TASKS)
     assert set(results["checkpoints"]["experts"]) == set(TASKS)
@@ -165,8 +170,14 @@ def test_merge_over_an_hf_pool_and_convert_to_local_give_the_same_numbers(
           f"pool.experts='{hf_pool}/clip_{{task}}'", f"pool.heads={hf_pool / 'heads'}"]
     out = tint_here("merge", *CLIP_TINY, *hf, "method=ties", f"hydra.run.dir={tmp_path / 'hf'}")
     assert out.returncode == 0, out.stderr
-    rows = json.loads((tmp_path / "hf" / "results.json").read_text())["rows"]
+    results = json.loads((tmp_path / "hf" / "results.json").read_text())
+    rows = results["rows"]
     assert rows[1]["average"] > rows[0]["average"]
+    assert results["layout"]["source_format"] == "hf"
+    # a local pool converted from it keeps its source format (pool.json), so ISO-CTS does too
+    out = tint_here("convert", *CLIP_TINY, *hf, f"out={tmp_path / 'from_hf'}")
+    assert out.returncode == 0, out.stderr
+    assert json.loads((tmp_path / "from_hf" / "pool.json").read_text())["source_format"] == "hf"
 
     out = tint_here("convert", *CLIP_TINY, *_pool_args(release), f"out={tmp_path / 'local'}")
     assert out.returncode == 0, out.stderr
@@ -181,8 +192,12 @@ def test_merge_over_an_hf_pool_and_convert_to_local_give_the_same_numbers(
         out = tint_here("merge", *CLIP_TINY, *pool, "method=ties",
                        f"hydra.run.dir={tmp_path / folder}")
         assert out.returncode == 0, out.stderr
-    a, b = (json.loads((tmp_path / f / "results.json").read_text())["rows"] for f in "ab")
-    assert [r["accuracy"] for r in a] == [r["accuracy"] for r in b]
+    a, b = (json.loads((tmp_path / f / "results.json").read_text()) for f in "ab")
+    assert [r["accuracy"] for r in a["rows"]] == [r["accuracy"] for r in b["rows"]]
+    assert a["layout"] == b["layout"] and b["layout"]["source_format"] == "open_clip"
+    from tintcli.pools import _converted_from
+
+    assert _converted_from(tmp_path / "from_hf") == "hf"
 
 
 def test_a_missing_expert_names_the_task_and_the_path(tint_here, tmp_path, release):

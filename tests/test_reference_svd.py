@@ -471,13 +471,16 @@ def test_iso_c_matches_fusionbench(pool):
 
 
 def test_iso_cts_matches_fusionbench(pool):
+    """FusionBench's pools are Hugging Face's, which store the image projection as tint
+    does: tint's ISO-CTS with orientation="hf" is its function on tint's layout."""
     pretrained, experts = pool
     ref_delta, ref_merged = reference_iso(pretrained, experts, alpha=1.5,
                                           common_space_fraction=0.8)
-    delta = iso_cts_delta(pretrained, experts, common_fraction=0.8)
+    delta = iso_cts_delta(pretrained, experts, common_fraction=0.8, orientation="hf")
     assert set(delta) == set(ref_delta)
     assert_matches(delta, ref_delta)
-    merged = iso_cts_merge(pretrained, experts, alpha=1.5, common_fraction=0.8)
+    merged = iso_cts_merge(pretrained, experts, alpha=1.5, common_fraction=0.8,
+                           orientation="hf")
     assert_matches(floats(merged), ref_merged)
 
 
@@ -487,7 +490,63 @@ def test_iso_cts_at_another_common_fraction(pool):
     small = {k: pretrained[k] for k in keys}
     few = {name: {k: e[k] for k in keys} for name, e in experts.items()}
     ref_delta, _ = reference_iso(small, few, common_space_fraction=0.5)
-    assert_matches(iso_cts_delta(small, few, common_fraction=0.5), ref_delta)
+    assert_matches(iso_cts_delta(small, few, common_fraction=0.5, orientation="hf"), ref_delta)
+
+
+# The image projection at ViT-B/32's real size, in each reference's own layout: the authors'
+# iso_cts (danielm1405/iso-merging src/utils/iso.py) runs on open_clip state dicts, where it
+# is ``visual.proj`` [768, 512] (x @ proj); FusionBench's on Hugging Face's
+# ``visual_projection.weight`` [512, 768], tint's ``head.weight``. The authors' function is
+# FusionBench's ``iso_cts`` above line for line, but for its skip rule (every key containing
+# "text_projection" instead of ``exclude_keys``), so the transcription serves for both.
+B32_OPEN_CLIP = {"head.weight": "visual.proj", "pos_embed": "visual.positional_embedding",
+                 "norm.weight": "visual.ln_post.weight"}
+
+
+def b32_projection_pool(tasks: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"head.weight": (512, 768), "pos_embed": (1, 50, 768), "norm.weight": (768,)}
+    pretrained = {k: torch.randn(s, generator=g) * 0.02 for k, s in shapes.items()}
+    experts = {f"task{t}": {k: v + torch.randn(v.shape, generator=g) * 0.002 * (0.5 + t / 4)
+                            for k, v in pretrained.items()} for t in range(tasks)}
+    return pretrained, experts
+
+
+def as_open_clip(state):
+    """tint's tensors as open_clip stores them (the projection transposed)."""
+    return {B32_OPEN_CLIP[k]: (v.T if k == "head.weight" else v.reshape(-1, v.shape[-1])
+                               if k == "pos_embed" else v) for k, v in state.items()}
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("tasks", [8, 20])
+def test_iso_cts_decomposes_the_projection_as_each_reference_stores_it(tasks):
+    """tint's default (a pool from open_clip's format, as the task_vectors releases and
+    tint's own zoo) is the authors' iso_cts on open_clip's ``visual.proj``; orientation="hf"
+    is FusionBench's on ``visual_projection.weight``. The two differ by two thirds here:
+    ISO-CTS removes its common space from the left of each matrix."""
+    pretrained, experts = b32_projection_pool(tasks)
+    vectors = [{k: v - pretrained[k] for k, v in e.items()} for e in experts.values()]
+    open_clip_vectors = [as_open_clip(v) for v in vectors]
+    authors = iso_cts(open_clip_vectors, 0.8,
+                      exclude_keys=[k for k in open_clip_vectors[0] if "text_projection" in k])
+    fusion_bench = iso_cts([{k: v.reshape(-1, v.shape[-1]) if v.dim() == 3 else v
+                             for k, v in tv.items()} for tv in vectors], 0.8)
+
+    tint_default = iso_cts_delta(pretrained, experts)
+    tint_open_clip = iso_cts_delta(pretrained, experts, orientation="open_clip")
+    tint_hf = iso_cts_delta(pretrained, experts, orientation="hf")
+    assert_matches(as_open_clip(tint_default), authors)
+    assert_matches(as_open_clip(tint_open_clip), authors)
+    assert_matches({"head.weight": tint_hf["head.weight"]},
+                   {"head.weight": fusion_bench["head.weight"]})
+    assert relative(tint_hf["head.weight"], tint_default["head.weight"]) > 0.3
+    # the other tensors are stored alike in both formats: the same Δ either way
+    assert torch.equal(tint_hf["pos_embed"], tint_default["pos_embed"])
+    assert torch.equal(tint_hf["norm.weight"], tint_default["norm.weight"])
 
 
 def test_emr_matches_fusionbench(pool):

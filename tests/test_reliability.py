@@ -465,7 +465,7 @@ def test_a_rerun_keeps_an_interrupted_runs_rows(cache, tmp_path):
 
 BAD_VALUES = [
     ("seed=abc", "seed=abc must be a whole number >= 0"),
-    ("device=gpu", "device=gpu is not a device torch knows"),
+    ("device=gpu", "device=gpu is not a device torch knows; use auto, cpu, cuda or cuda:<index>"),
     ("method=task_arithmetic method.lam=nan",
      "bad parameters for method 'task_arithmetic': lam=nan must be a finite number"),
     ("method=ties method.top_k=150",
@@ -474,6 +474,26 @@ BAD_VALUES = [
     ("tasks.seed=0.5", "tasks.seed=0.5 must be a whole number >= 0"),
     # a mandatory setting left unset (???): OmegaConf raised MissingMandatoryValue in the run
     ("pool=local", "pool.path is not set"),
+    # a method's device: torch's RuntimeError once the SVDs began
+    ("method=tsv_m method.device=gpu", "bad parameters for method 'tsv_m': device=gpu is not a "
+     "device torch knows; use auto, cpu, cuda or cuda:<index>"),
+    ("method=iso_c method.device=ipu", "bad parameters for method 'iso_c': device=ipu names an "
+     "ipu device; tint runs on cpu or cuda: use auto, cpu or cuda"),
+    # Consensus TA's values that ran: a negative α, a mask no entry can pass, a task not in the
+    # set (refused only once the merge began)
+    ("method=consensus_ta method.alpha=-1",
+     "bad parameters for method 'consensus_ta': alpha=-1 must be a positive number"),
+    ("method=consensus_ta method.min_agreement=10", "bad parameters for method 'consensus_ta': "
+     "min_agreement=10 is more than the 3 task(s) of the task set: no entry would be kept and "
+     "the merge would be θ0; use a value from 1 to 3"),
+    ("method=consensus_ta method.lambdas={foo:0.5,signs:0.3}", "bad parameters for method "
+     "'consensus_ta': lambdas must name exactly the tasks of the set (signs, digits, "
+     "textures); missing: digits, textures; not in the set: foo"),
+    ("method=iso_cts method.orientation=timm", "bad parameters for method 'iso_cts': "
+     "orientation=timm must be one of: open_clip, hf"),
+    ("method=iso_c method.patience=0", "bad parameters for method 'iso_c': patience=0 must be a "
+     "whole number >= 1 (grid points without a better validation average before the search "
+     "stops), or null for the whole grid"),
 ]
 
 

@@ -48,3 +48,34 @@ def whole(params: Mapping[str, object], key: str, low: int = 1) -> None:
 def one_of(params: Mapping[str, object], key: str, options: Collection[str]) -> None:
     if key in params and params[key] not in options:
         _fail(params, key, "one of: " + ", ".join(map(str, options)))
+
+
+def device(params: Mapping[str, object], key: str) -> None:
+    """A device torch knows and this machine has (null: where the tensors are)."""
+    if params.get(key) is not None:
+        try:
+            device_named(params[key])
+        except ValueError as err:
+            raise ValueError(f"{key}={params[key]} {err}") from err
+
+
+def device_named(name: object):
+    """The torch device ``name`` names (``auto``: CUDA when present, else the CPU); a
+    ValueError saying why where torch knows no such device or this machine lacks it. Every
+    setting that names a device is read through here."""
+    import torch
+
+    name = str(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        found = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError("is not a device torch knows; use auto, cpu, cuda or cuda:<index>") \
+            from err
+    if found.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("asks for CUDA, which is not available here; use auto or cpu")
+    if found.type not in ("cpu", "cuda"):
+        raise ValueError(f"names {'an' if found.type[0] in 'aeiou' else 'a'} {found.type} "
+                         "device; tint runs on cpu or cuda: use auto, cpu or cuda")
+    return found

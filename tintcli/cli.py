@@ -95,11 +95,9 @@ def _hydra_app(config_name: str, recipe: Callable[[DictConfig, Console], object]
         fail(TintError(f"tint's configs are missing: no {config_name}.yaml in {CONF_DIR}\n"
                        "Reinstall tint: pip install -e ."))
 
-    from tintcli.methods import register_configs
     from tintcli.tracking import register_resolvers
 
-    register_resolvers()
-    register_configs()  # each method's declared parameters: method/declared/<name>
+    register_resolvers()  # (importing pkg://tintcli.conf registers the methods' parameters)
 
     @hydra.main(version_base="1.3", config_path=f"pkg://{CONF_MODULE}", config_name=config_name)
     def app(cfg: DictConfig) -> object:
@@ -249,6 +247,62 @@ def normalize_overrides(args: list[str], config_name: str) -> list[str]:
     return out
 
 
+def check_method_overrides(args: list[str], config_name: str) -> None:
+    """``method.<key>=value`` for a key the chosen method does not have is one ``error:``
+    line naming what it does have, before any work (Hydra's own message is "Could not
+    override", exit 1). The method's config is composed as the run will compose it (each
+    choice of a ``method=a,b`` sweep; other sweeps at their first value)."""
+    if "method" not in default_groups(config_name):
+        return
+    from hydra import compose, initialize_config_module
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(
+            get_args_parser().parse_known_args(args)[0].overrides)
+    except (HydraException, SystemExit):
+        return  # Hydra says what is wrong with it
+    asked = [o for o in overrides if o.type == OverrideType.CHANGE and o.package is None
+             and o.key_or_group.startswith("method.")]
+    if not asked:
+        return
+    choices, others = [None], []
+    for o in overrides:
+        if o in asked or o.key_or_group.startswith("hydra."):
+            continue
+        values = list(o.sweep_string_iterator()) if o.is_sweep_override() else None
+        if o.key_or_group == "method" and o.package is None and values:
+            choices = values
+        elif values:
+            others.append(f"{o.get_key_element()}={values[0]}")
+        else:
+            others.append(o.input_line)
+    for choice in choices:
+        try:
+            with initialize_config_module(CONF_MODULE, version_base="1.3"):
+                cfg = compose(config_name, return_hydra_config=True, overrides=others + (
+                    [f"method={choice}"] if choice is not None else []))
+        except Exception:  # noqa: BLE001 - any other composition error is Hydra's to report
+            return
+        for o in asked:
+            path = o.key_or_group.removeprefix("method.").split(".")
+            node = cfg.method
+            for depth, part in enumerate(path):
+                if not OmegaConf.is_dict(node) or part not in node:
+                    where = ".".join(["method", *path[:depth]])
+                    has = (f"{where} has: {', '.join(str(k) for k in node)}"
+                           if OmegaConf.is_dict(node) else f"{where} is a value, not a group")
+                    name = cfg.hydra.runtime.choices.get("method", cfg.method.name)
+                    raise TintError(f"method={name} has no setting '{o.key_or_group}'\n{has}\n"
+                                    f"See them with: tint {config_name} method={name} "
+                                    "--cfg job")
+                node = node[part]
+
+
 def main(argv: list[str] | None = None) -> int:
     global IN_MAIN
     IN_MAIN = True
@@ -284,7 +338,12 @@ def _main(argv: list[str]) -> int:
             COMMAND.append(config_name)
             with stops_deferred():  # a Ctrl-C inside torch's C++ import would abort the process
                 importlib.import_module(f"tintcli.recipes.{config_name}")
-            sys.argv = [f"tint {name}", *normalize_overrides(argv[len(words):], config_name)]
+            overrides = normalize_overrides(argv[len(words):], config_name)
+            try:
+                check_method_overrides(overrides, config_name)
+            except TintError as err:
+                fail(err)
+            sys.argv = [f"tint {name}", *overrides]
             _hydra_app(config_name, recipe)()
             from tintcli.tracking import sweep_failure
 

@@ -44,16 +44,10 @@ def feature_dim(encoder_cfg: DictConfig) -> int:
 
 
 def resolve_device(name: object) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
-    name = str(name)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """``auto`` picks CUDA when present, else the CPU (``tintcli.checks.device_named``)."""
+    from tintcli.checks import device_named
+
     try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as err:
-        raise TintError(f"device={name} is not a device torch knows\n"
-                        "Use device=auto, cpu, cuda or cuda:<index>.") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TintError(f"device '{name}' was asked for but CUDA is not available here\n"
-                        "Use device=auto or device=cpu.")
-    return device
+        return device_named(name)
+    except ValueError as err:
+        raise TintError(f"device={name} {err}") from err

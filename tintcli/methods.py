@@ -13,16 +13,24 @@ one (``adaptive=True``) also takes the unlabeled adaptation data:
 
 Its signature declares its parameters and their defaults (the config group
 ``method/declared/<name>`` is made from it: no second copy in a YAML); ``check=`` checks their
-values before any work (helpers in ``tintcli/checks.py``); ``pretty``, ``paper`` and ``code``
-are what tables and the README cite; ``search`` names the parameters chosen on the validation
-split and their grids (a config value of null means "choose"; a number fixes it), and
-``delta`` (optional) the function giving the Δ of θ0 + α·Δ, so that a grid over α costs one Δ.
+values before any work (helpers in ``tintcli/checks.py``), given the parameters, the encoder
+and the task names where known; ``pretty``, ``paper`` and ``code`` are what tables and the
+README cite; ``search`` names the parameters chosen on the validation split and their grids (a
+config value of null means "choose"; a number fixes it), ``choose_by`` the validation metric
+its authors choose by, ``patience`` their early stopping over the grid (the config's
+``patience``; null: the whole grid), and ``delta`` (optional) the function giving the Δ of
+θ0 + α·Δ, so that a grid over α costs one Δ.
+
+A method whose result depends on how a matrix is stored (ISO-CTS: not transpose-equivariant)
+declares an ``orientation`` parameter: left null, a run gives it its pool's source format
+(``Pool.source_format``), so the method sees each matrix as the authors' code saw it in that
+format (``tintcli.checkpoints.convert.STORED_TRANSPOSED``).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +40,8 @@ from tintcli.errors import TintError
 from tintcli.io import StateDict
 from tintcli.merged import Merged
 
-Check = Callable[[dict, nn.Module | None], None]  # (parameters, encoder or None)
+# (parameters, encoder or None, the task names or None): raises ValueError naming the bad one
+Check = Callable[[dict, nn.Module | None, Sequence[str] | None], None]
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,9 @@ class Method:
     # the name of the reference row a configuration of it reproduces (a variant: AdaMerging++)
     variant: Callable[[Mapping[str, Any]], str] | None = None
     choose_by: str = "average"  # the validation metric the search maximises
+    # the search stops after this many grid points in a row that do not raise the best
+    # average validation accuracy (the authors' early stopping); None: the whole grid
+    patience: int | None = None
     # adaptive: the class whose ``benchmark(plain)`` gives the step ``tint bench`` times
     trainer: type | None = None
     min_tasks: int = 1  # EMR: 2 (checked against the task set before any work)
@@ -91,13 +103,14 @@ def register(name: str, adaptive: bool = False, check: Check | None = None, *,
              search: Mapping[str, tuple[float, ...]] | None = None,
              delta: Callable[..., StateDict] | None = None,
              variant: Callable[[Mapping[str, Any]], str] | None = None,
-             choose_by: str = "average", trainer: type | None = None,
-             min_tasks: int = 1, per_task: Mapping[str, Callable[..., Merged]] | None = None,
+             choose_by: str = "average", patience: int | None = None,
+             trainer: type | None = None, min_tasks: int = 1,
+             per_task: Mapping[str, Callable[..., Merged]] | None = None,
              memory: Callable[..., Any] | None = None) -> Callable[[Callable], Callable]:
     def add(fn: Callable) -> Callable:
         MERGE_METHODS[name] = Method(fn, adaptive, check, name, pretty or name, paper, code,
-                                     dict(search or {}), delta, variant, choose_by, trainer,
-                                     min_tasks, dict(per_task or {}), memory)
+                                     dict(search or {}), delta, variant, choose_by, patience,
+                                     trainer, min_tasks, dict(per_task or {}), memory)
         return fn
 
     return add
@@ -113,12 +126,20 @@ def get_method(name: str) -> Method:
 
 def check_parameters(name: str, params: Mapping[str, object],
                      encoder: nn.Module | None = None,
-                     grid: Mapping[str, object] | None = None) -> Method:
+                     grid: Mapping[str, object] | None = None,
+                     tasks: Sequence[str] | None = None,
+                     patience: object = None) -> Method:
     """The method, once its config's parameters match its signature and pass its own check
     (before any work). With ``encoder``, checks that need the architecture (a module to
-    tint) run too. A searched parameter left null is checked at every point of its grid
-    (``grid``: the config's, else the method's own)."""
+    tint) run too, and with ``tasks`` (the task names) those that need the task set. A
+    searched parameter left null is checked at every point of its grid (``grid``: the
+    config's, else the method's own); ``patience`` is the config's early stopping."""
     method = get_method(name)
+    if patience is not None and not (isinstance(patience, int) and not isinstance(
+            patience, bool) and patience >= 1):
+        raise TintError(f"bad parameters for method '{name}': patience={patience} must be a "
+                        "whole number >= 1 (grid points without a better validation "
+                        "average before the search stops), or null for the whole grid")
     signature = inspect.signature(method.fn)
     try:  # binding, not calling: a TypeError from inside fn stays the bug it is
         bound = signature.bind(*[None] * method.positional, **params)
@@ -147,7 +168,7 @@ def check_parameters(name: str, params: Mapping[str, object],
                               for k in chosen for point in grids[k]]
     for where, point in points:
         try:
-            method.check(point, encoder)
+            method.check(point, encoder, None if tasks is None else list(tasks))
         except ValueError as err:
             raise TintError(f"bad parameters for method '{name}': {err}{where}") from err
     return method
@@ -157,7 +178,7 @@ def merge(name: str, pretrained: StateDict, experts: Mapping[str, StateDict],
           **params) -> StateDict:
     """Run a data-free method by its registered name: its state dict (see ``run`` for the
     ``Merged`` of any method)."""
-    method = check_parameters(name, params)
+    method = check_parameters(name, params, tasks=list(experts))
     if method.adaptive:
         raise TintError(f"'{name}' adapts at test time: call tintcli.merging.adapt with an "
                         "AdaptationContext of unlabeled images")
@@ -167,7 +188,7 @@ def merge(name: str, pretrained: StateDict, experts: Mapping[str, StateDict],
 def adapt(name: str, pretrained: StateDict, experts: Mapping[str, StateDict], context,
           **params) -> Merged:
     """Run a test-time adaptive method by its registered name."""
-    method = check_parameters(name, params, context.encoder)
+    method = check_parameters(name, params, context.encoder, tasks=list(experts))
     if not method.adaptive:
         raise TintError(f"'{name}' is data-free: call tintcli.merging.merge")
     return method.fn(pretrained, experts, context, **params)
@@ -180,7 +201,7 @@ def run(name: str, pretrained: StateDict, experts: Mapping[str, StateDict], cont
     method = get_method(name)
     if method.adaptive:
         return adapt(name, pretrained, experts, context, **params)
-    check_parameters(name, params)
+    check_parameters(name, params, tasks=list(experts))
     return _merged(method, method.fn(pretrained, experts, **params))
 
 
@@ -228,6 +249,7 @@ def register_configs() -> None:
 
     store = ConfigStore.instance()
     for name, method in registered().items():
-        grid = {"grid": {k: list(v) for k, v in method.search.items()}} if method.search else {}
+        search = ({"grid": {k: list(v) for k, v in method.search.items()},
+                   "patience": method.patience} if method.search else {})
         store.store(group="method/declared", name=name,
-                    node={"name": name, **method.defaults, **grid}, provider="tint")
+                    node={"name": name, **method.defaults, **search}, provider="tint")

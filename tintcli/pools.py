@@ -53,6 +53,10 @@ class Pool(Protocol):
 
     kind: str
     pretrained_file: Path
+    # the checkpoint format the pool's weights come from (``open_clip``, ``hf``): how it
+    # orients each matrix, which methods that are not transpose-equivariant follow
+    # (``tintcli.checkpoints.convert.STORED_TRANSPOSED``)
+    source_format: str
 
     def pretrained(self) -> StateDict: ...
 
@@ -111,6 +115,7 @@ class FilePool:
     # task -> its class count, where the task set knows the task (set by open_pool)
     num_classes: dict[str, int] = field(default_factory=dict)
     classes_are: str = "class names"  # what the count counts, for the error
+    source_format: str = "open_clip"  # the format the files came from (Pool.source_format)
     _pretrained: StateDict | None = field(default=None, repr=False)
 
     def validate(self) -> None:
@@ -212,7 +217,8 @@ def _task_vectors(cfg: DictConfig, tasks: list[str], encoder: nn.Module,
     return FilePool("task_vectors", tasks, encoder, root / "zeroshot.pt",
                     {t: root / dirs[t] / "finetuned.pt" for t in tasks},
                     {t: root / f"head_{dirs[t]}.pt" for t in tasks}, load_encoder, load_head,
-                    available=lambda: [p.parent.name for p in root.glob("*/finetuned.pt")])
+                    available=lambda: [p.parent.name for p in root.glob("*/finetuned.pt")],
+                    source_format="open_clip")
 
 
 def _local(cfg: DictConfig, tasks: list[str], encoder: nn.Module,
@@ -223,7 +229,24 @@ def _local(cfg: DictConfig, tasks: list[str], encoder: nn.Module,
                     {t: root / "experts" / f"{t}.safetensors" for t in tasks},
                     {t: root / "heads" / f"{t}.safetensors" for t in tasks},
                     lambda path, what: load_state_dict(path, what), _safetensors_head,
-                    available=lambda: [p.stem for p in (root / "experts").glob("*.safetensors")])
+                    available=lambda: [p.stem for p in (root / "experts").glob("*.safetensors")],
+                    source_format=_converted_from(root))
+
+
+def _converted_from(root: Path) -> str:
+    """The source format of a local pool: that of the pool ``tint convert`` read, as its
+    ``pool.json`` records it; a folder written otherwise is taken as tint's own (open_clip's)."""
+    import json
+
+    from tintcli.checkpoints.convert import SOURCE_FORMATS
+
+    try:
+        record = json.loads((root / "pool.json").read_text())
+        found = record.get("source_format") or (
+            "hf" if record["converted_from"]["kind"] == "hf" else "open_clip")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "open_clip"
+    return found if found in SOURCE_FORMATS else "open_clip"
 
 
 def _hf(cfg: DictConfig, tasks: list[str], encoder: nn.Module,
@@ -270,7 +293,7 @@ def _hf(cfg: DictConfig, tasks: list[str], encoder: nn.Module,
             return text.head(list(classnames[task]), list(templates[task]))
 
     return FilePool("hf", tasks, encoder, base, experts, head_files, load_encoder, load_head,
-                    heads_from_names=not cfg.get("heads"))
+                    heads_from_names=not cfg.get("heads"), source_format="hf")
 
 
 class _TextTower:

@@ -1,10 +1,15 @@
 """Choosing a method's parameters on the validation split, as its authors did.
 
 A method declares which parameters are chosen and over which grid (``register(search=...)``);
-a config value of null means "choose", a number fixes it. Every point of the grid (the
-product, where several are searched) is merged and scored on validation; the best by the
-method's metric (ties: the first) is kept, and every point and the choice go to results.json.
-Test is never looked at here.
+a config value of null means "choose", a number fixes it. The points of the grid (the
+product, where several are searched) are merged and scored on validation in order; the best
+by the method's metric (``choose_by``; ties: the first) is kept, and every point scored and
+the choice go to results.json. Test is never looked at here.
+
+Where the authors stop early (``patience``: ISO's sweep), the search stops after that many
+points in a row whose average validation accuracy is not above the best so far (the
+authors' ``early_stopping``, which watches the plain average even where the choice is by
+normalised accuracy), and chooses among the points it scored.
 """
 
 from __future__ import annotations
@@ -32,12 +37,14 @@ def searched(method: Method, params: Mapping[str, Any],
 def choose(method: Method, pretrained: StateDict, experts: Mapping[str, StateDict],
            params: Mapping[str, Any], grid: Mapping[str, Any] | None, score: Score,
            normalize: Mapping[str, float] | None = None,
-           on_point: Callable[[int, int], None] | None = None) -> Merged:
+           on_point: Callable[[int, int], None] | None = None,
+           patience: int | None = None) -> Merged:
     """The method's ``Merged`` at the grid point with the best validation score (the plain
     merge where nothing is searched). ``normalize``: each task's expert accuracy, for methods
     that choose by normalised accuracy. Parameters the method chooses per task
     (``method.per_task``) are chosen first, each task by its own validation accuracy on the
-    method's probe; the grid over the others then runs with those choices fixed."""
+    method's probe; the grid over the others then runs with those choices fixed.
+    ``patience``: the early stopping (None: the whole grid)."""
     grids = searched(method, params, grid)
     if not grids:
         return run(method.name, pretrained, experts, **params)
@@ -71,6 +78,7 @@ def choose(method: Method, pretrained: StateDict, experts: Mapping[str, StateDic
                 return run(method.name, pretrained, experts, **fixed, **point)
 
         trials, best, best_value = [], None, None
+        stop = EarlyStop(patience)
         for point in points:
             merged = make(point)
             accuracy = score(merged)
@@ -79,13 +87,45 @@ def choose(method: Method, pretrained: StateDict, experts: Mapping[str, StateDic
             if best_value is None or value > best_value:
                 best, best_value = (point, merged), value
             step()
+            if stop.after(accuracy):
+                break
         point, merged = best
     merged.info["search"] = {"split": "val", "metric": method.choose_by,
                              "grid": {k: list(v) for k, v in grids.items()},
-                             "chosen": point, "value": best_value, "trials": trials}
+                             "chosen": point, "value": best_value, "trials": trials,
+                             "stopping": EarlyStop.record(patience, len(trials), len(points))}
     if per_task_info:
         merged.info["search"]["per_task"] = per_task_info
     return merged
+
+
+class EarlyStop:
+    """The authors' early stopping (iso-merging's ``evaluate_task_vector``): the best average
+    validation accuracy so far starts at 0; a point above it resets the count, any other
+    adds one, and the search ends at the ``patience``-th in a row."""
+
+    def __init__(self, patience: int | None):
+        self.patience, self.best, self.since = patience, 0.0, 0
+
+    def after(self, accuracy: Mapping[str, float]) -> bool:
+        """Whether the search stops after this point."""
+        if self.patience is None:
+            return False
+        average = _metric(accuracy, "average", None)
+        if average > self.best:
+            self.best, self.since = average, 0
+        else:
+            self.since += 1
+        return self.since >= self.patience
+
+    @staticmethod
+    def record(patience: int | None, scored: int, points: int) -> dict:
+        """What results.json says of it: the rule, and how much of the grid was scored."""
+        if patience is None:
+            return {"rule": "whole grid", "scored": scored, "of": points}
+        return {"rule": f"early stopping: {patience} points in a row without a better "
+                        "average validation accuracy", "patience": patience,
+                "scored": scored, "of": points}
 
 
 def _choose_per_task(probe: Callable[..., Merged], pretrained: StateDict,

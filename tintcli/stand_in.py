@@ -77,6 +77,7 @@ class StandInPool:
     seed: int = 0
     dtype: str = "fp32"
     kind: str = KIND
+    source_format: str = "open_clip"  # as the zoo's
     pretrained_file: Path = Path("stand_in")  # no file: nothing is read
     _states: tuple[StateDict, dict[str, StateDict]] | None = field(default=None, repr=False)
 

@@ -70,6 +70,9 @@ class Zoo:
     each entry was built."""
 
     kind = "synth"  # (not a field)
+    # tint's CLIP encoder is OpenAI's visual tower: the methods' authors see it as open_clip
+    # stores it (``tintcli.checkpoints.convert.STORED_TRANSPOSED``)
+    source_format = "open_clip"
     encoder_cfg: DictConfig
     root: Path
     pretrained_file: Path

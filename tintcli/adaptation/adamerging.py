@@ -88,7 +88,7 @@ class AdaMerging(AdaptationRun):
         return self.curve[-1]
 
 
-def check_adamerging(params: Mapping[str, object], encoder=None) -> None:
+def check_adamerging(params: Mapping[str, object], encoder=None, tasks=None) -> None:
     check_common(params)
     whole(params, "steps")
     one_of(params, "granularity", ("task", "layer"))

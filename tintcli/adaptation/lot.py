@@ -151,7 +151,7 @@ class LOT:
                 forward)
 
 
-def check_lot(params: Mapping[str, object], encoder: nn.Module | None) -> None:
+def check_lot(params: Mapping[str, object], encoder: nn.Module | None, tasks=None) -> None:
     whole(params, "exemplars")
 
 

@@ -126,7 +126,7 @@ class SurgeryHead(nn.Module):
         return head.requires_grad_(False)
 
 
-def check_surgery(params: Mapping[str, object], encoder: nn.Module | None) -> None:
+def check_surgery(params: Mapping[str, object], encoder: nn.Module | None, tasks=None) -> None:
     check_common(params)
     for key in ("rank", "hidden", "epochs", "steps_per_task"):
         whole(params, key)

@@ -55,7 +55,7 @@ def tinted_keys(encoder: nn.Module, module: str) -> list[str]:
     return [f"{module}.{k}" for k in entries]
 
 
-def check_tinting(params: Mapping[str, object], encoder: nn.Module | None) -> None:
+def check_tinting(params: Mapping[str, object], encoder: nn.Module | None, tasks=None) -> None:
     """The common checks, the schedule and sampler, then the tinted module against the
     encoder, so that a typo in ``tint`` fails before the zoo or any data loads."""
     check_common(params)

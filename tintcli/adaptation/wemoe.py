@@ -317,7 +317,7 @@ class WEMoE(AdaptationRun):
                       tinted="routers", model=self.model.cpu())
 
 
-def check_wemoe(params: Mapping[str, object], encoder: nn.Module | None) -> None:
+def check_wemoe(params: Mapping[str, object], encoder: nn.Module | None, tasks=None) -> None:
     check_common(params)
     whole(params, "steps")
     number(params, "init_lambda", None, None, must="a finite number")

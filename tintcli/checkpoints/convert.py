@@ -10,6 +10,11 @@ merging method, lambda granularity and tinted layer works on all of them unchang
   transformers 4.x, without the prefix in 5.x' ``CLIPVisionModel``); separate q, k, v are
   fused into timm's ``qkv``; the projection comes from the ``CLIPModel``
   (``visual_projection``).
+
+Where a format stores a matrix transposed against tint's layout, ``STORED_TRANSPOSED`` says
+so: merging methods that are not transpose-equivariant (ISO-CTS removes its common space from
+the left of each matrix) decompose that matrix as the format stores it, as the authors' code
+does on it (``orientation``, ``tintcli/methods.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +27,17 @@ from torch import nn
 
 from tintcli.errors import TintError
 from tintcli.io import StateDict
+
+# Per source format: tint's key -> the format's name for it, where the format stores that
+# matrix transposed. open_clip keeps CLIP's image projection as ``visual.proj`` [width, embed]
+# (applied as x @ proj); timm's ``head.weight`` and Hugging Face's
+# ``visual_projection.weight`` are [embed, width]. Every other matrix (fused qkv as
+# ``in_proj_weight``, out proj, MLP, positional embedding) is stored as tint stores it.
+STORED_TRANSPOSED: dict[str, dict[str, str]] = {
+    "open_clip": {"head.weight": "visual.proj"},
+    "hf": {},
+}
+SOURCE_FORMATS = tuple(STORED_TRANSPOSED)
 
 # text-tower leftovers the task_vectors ImageEncoder keeps beside the visual tower
 CLIP_TEXT_LEFTOVERS = ("token_embedding.weight", "positional_embedding", "ln_final.weight",

@@ -49,7 +49,7 @@ def is_lowrank_matrix(key: str, tensor: torch.Tensor) -> bool:
     return bool(_ATTN_OR_MLP.match(key)) and tensor.dim() == 2
 
 
-def check_cart(params: Mapping[str, object], encoder=None) -> None:
+def check_cart(params: Mapping[str, object], encoder=None, tasks=None) -> None:
     number(params, "lam")
     number(params, "rank_fraction", 0, 1, must="a fraction in (0, 1]")
     if params.get("rank_fraction") == 0:

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 
 import torch
 
-from tintcli.checks import number, whole
+from tintcli.checks import number, positive, whole
 from tintcli.errors import TintError
 from tintcli.io import StateDict
 from tintcli.merged import Merged
@@ -45,15 +45,27 @@ CONSENSUS_ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 11))  # 0.1, ..., 1
 Lambdas = Mapping[str, float] | float
 
 
-def check_consensus(params: Mapping[str, object], encoder=None) -> None:
-    number(params, "alpha")
+def check_consensus(params: Mapping[str, object], encoder=None, tasks=None) -> None:
+    """α > 0 (the authors search 0.1 to 1.0); ``min_agreement`` at most the number of tasks
+    (more keeps no entry: the merge would be θ0); each λt >= 0, one per task of the set."""
+    positive(params, "alpha")
     whole(params, "min_agreement", 1)
+    agreement = params.get("min_agreement")
+    if tasks is not None and isinstance(agreement, int) and agreement > len(tasks):
+        raise ValueError(f"min_agreement={agreement} is more than the {len(tasks)} task(s) of "
+                         "the task set: no entry would be kept and the merge would be θ0; use "
+                         f"a value from 1 to {len(tasks)}")
     if "lambdas" in params:
         lambdas = params["lambdas"]
         values = ({f"lambdas.{task}": v for task, v in lambdas.items()}
                   if isinstance(lambdas, Mapping) else {"lambdas": lambdas})
         for key in values:
             number(values, key, 0, None, must="a finite number >= 0 (a TALL-mask lambda)")
+        if isinstance(lambdas, Mapping) and tasks is not None:
+            try:
+                task_lambdas(lambdas, list(tasks))
+            except TintError as err:
+                raise ValueError(str(err)) from err
 
 
 def task_lambdas(lambdas: Lambdas, tasks: list[str]) -> list[float]:
@@ -62,8 +74,9 @@ def task_lambdas(lambdas: Lambdas, tasks: list[str]) -> list[float]:
         return [float(lambdas)] * len(tasks)
     missing, extra = set(tasks) - set(lambdas), set(lambdas) - set(tasks)
     if missing or extra:
-        raise TintError(f"TALL-mask lambdas must name exactly the tasks {sorted(tasks)}; "
-                        f"missing {sorted(missing)}, unknown {sorted(extra)}")
+        raise TintError(f"lambdas must name exactly the tasks of the set ({', '.join(tasks)})"
+                        + "".join(f"; {what}: {', '.join(sorted(names))}" for what, names in
+                                  (("missing", missing), ("not in the set", extra)) if names))
     return [float(lambdas[t]) for t in tasks]
 
 
@@ -136,7 +149,8 @@ def consensus_merge(pretrained: Mapping[str, torch.Tensor],
 
     ``alpha`` 0.3 and ``lambdas`` 0.4 (mid-grid) are tint's defaults, not the authors': they
     choose both on validation (``CONSENSUS_ALPHAS``, ``TALL_LAMBDAS``)."""
-    check_consensus({"alpha": alpha, "lambdas": lambdas, "min_agreement": min_agreement})
+    check_consensus({"alpha": alpha, "lambdas": lambdas, "min_agreement": min_agreement},
+                    tasks=list(experts))
     if not experts:
         raise TintError("Consensus TA needs at least one expert")
     scale = torch.tensor(task_lambdas(lambdas, list(experts))).reshape(-1, 1)

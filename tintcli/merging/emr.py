@@ -45,7 +45,7 @@ from tintcli.methods import register
 _BITS = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
 
 
-def check_emr(params: Mapping[str, object], encoder=None) -> None:
+def check_emr(params: Mapping[str, object], encoder=None, tasks=None) -> None:
     """EMR has no parameters to check; the pool size is checked by ``check_emr_tasks``."""
 
 

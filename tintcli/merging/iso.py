@@ -25,6 +25,21 @@ tensors and timm's (1, N, D) ``pos_embed`` are matrices; 1-D norms and biases, 0
 the 4-D patch embedding and ``text_projection`` (authors, PAPER.md) take the mean; the other
 2-D ``text.*`` extras are matrices as in the authors' code (zero task vectors: Δ = 0, no SVD).
 
+Orientation: ISO-CTS is not transpose-equivariant (it removes the common space from the left,
+τt − Uc Ucᵀ τt), so a matrix gives another Δ when stored transposed. The authors run on
+open_clip state dicts, where CLIP's image projection is ``visual.proj`` [width, embed], the
+transpose of tint's ``head.weight``; FusionBench runs on Hugging Face's
+``visual_projection.weight``, stored as tint stores it. ``orientation`` names the format whose
+storage ISO-CTS follows (``tintcli.checkpoints.convert.STORED_TRANSPOSED``): a run takes its
+pool's source format, a plain call the authors' (open_clip). ISO-C is transpose-equivariant
+(the SVD of Mᵀ is V S Uᵀ) and needs none.
+
+Search: α is chosen by average normalised accuracy on validation, scoring the grid in
+ascending order and stopping after 3 points in a row that do not raise the best average
+accuracy (iso-merging's ``find_optimal_coef(..., metric="avg_normalized_top1")`` over the
+points its ``early_stopping`` sweep scored, ``src/eval/eval.py``); ``method.patience=null``
+scores the whole grid.
+
 Reference behaviour kept on purpose: a rank-deficient Σt τt (ISO-C, ISO-CTS's common space)
 or a rank-deficient projected τt (ISO-CTS) has singular vectors LAPACK picks arbitrarily in
 its null space, and the flat spectrum gives them the mean singular value: the reference's
@@ -41,7 +56,8 @@ from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
-from tintcli.checks import number, positive
+from tintcli.checkpoints.convert import SOURCE_FORMATS, STORED_TRANSPOSED
+from tintcli.checks import device, number, one_of, positive
 from tintcli.errors import TintError
 from tintcli.io import StateDict
 from tintcli.merging.task_vectors import add_task_vector
@@ -57,19 +73,26 @@ from tintcli.merging.tsv import (
 from tintcli.methods import register
 
 
-def check_iso_c(params: Mapping[str, object], encoder=None) -> None:
+def check_iso_c(params: Mapping[str, object], encoder=None, tasks=None) -> None:
     """α must be a finite number > 0 (the authors search 0.1 to 3.0)."""
     positive(params, "alpha")
+    device(params, "device")
 
 
-def check_iso_cts(params: Mapping[str, object], encoder=None) -> None:
-    """α as for ISO-C; the common fraction f in (0, 1] (f = 1: no task-specific space)."""
-    positive(params, "alpha")
+def check_iso_cts(params: Mapping[str, object], encoder=None, tasks=None) -> None:
+    """α as for ISO-C; the common fraction f in (0, 1] (f = 1: no task-specific space);
+    ``orientation`` a source format (null: the pool's)."""
+    check_iso_c(params)
     must = "a fraction in (0, 1]"
     number(params, "common_fraction", 0, 1, must=must)
     if params.get("common_fraction", 1) == 0:
         raise ValueError(f"common_fraction={params['common_fraction']} must be {must}")
+    if params.get("orientation") is not None:
+        one_of(params, "orientation", SOURCE_FORMATS)
 
+
+# iso-merging's sweep (config/config.yaml: early_stopping: true, early_stopping_patience: 3)
+ISO_PATIENCE = 3
 
 Columns = Callable[[], Iterator[torch.Tensor]]  # a fresh pass over the T slices of a matrix
 
@@ -89,7 +112,7 @@ def iso_c_delta(pretrained: Mapping[str, torch.Tensor],
 
 @register("iso_c", check=check_iso_c, pretty="ISO-C", paper="https://arxiv.org/abs/2502.04959",
           code="https://github.com/danielm1405/iso-merging", search={"alpha": ALPHAS},
-          delta=iso_c_delta)
+          delta=iso_c_delta, choose_by="normalized_average", patience=ISO_PATIENCE)
 def iso_c_merge(pretrained: Mapping[str, torch.Tensor],
                 experts: Mapping[str, Mapping[str, torch.Tensor]], alpha: float = 1.0,
                 device: Device = None) -> StateDict:
@@ -132,13 +155,20 @@ def _iso_cts_matrix(columns: Columns, key: str, tasks: int, common_fraction: flo
 
 def iso_cts_delta(pretrained: Mapping[str, torch.Tensor],
                   experts: Mapping[str, Mapping[str, torch.Tensor]],
-                  common_fraction: float = 0.8, device: Device = None) -> StateDict:
-    """Δ of ISO-CTS in float32 (unscaled); SVDs on ``device``, Δ on θ0's device."""
+                  common_fraction: float = 0.8, orientation: str | None = None,
+                  device: Device = None) -> StateDict:
+    """Δ of ISO-CTS in float32 (unscaled); SVDs on ``device``, Δ on θ0's device. A matrix
+    that the ``orientation`` format stores transposed (open_clip's ``visual.proj``; None:
+    open_clip, the authors') is decomposed as that format stores it."""
     check_experts(experts, "ISO-CTS")
-    check_iso_cts({"common_fraction": common_fraction})
+    check_iso_cts({"common_fraction": common_fraction, "orientation": orientation})
+    stored_transposed = STORED_TRANSPOSED[orientation or "open_clip"]
 
     def matrix_delta(columns: Columns, key: str, tasks: int) -> torch.Tensor:
-        return _iso_cts_matrix(columns, key, tasks, common_fraction)
+        if key not in stored_transposed:
+            return _iso_cts_matrix(columns, key, tasks, common_fraction)
+        as_stored = lambda: (tau.T.contiguous() for tau in columns())  # noqa: E731
+        return _iso_cts_matrix(as_stored, key, tasks, common_fraction).T
 
     return matrix_deltas(pretrained, experts, device, matrix_delta)
 
@@ -146,11 +176,13 @@ def iso_cts_delta(pretrained: Mapping[str, torch.Tensor],
 @register("iso_cts", check=check_iso_cts, pretty="ISO-CTS",
           paper="https://arxiv.org/abs/2502.04959",
           code="https://github.com/danielm1405/iso-merging", search={"alpha": ALPHAS},
-          delta=iso_cts_delta)
+          delta=iso_cts_delta, choose_by="normalized_average", patience=ISO_PATIENCE)
 def iso_cts_merge(pretrained: Mapping[str, torch.Tensor],
                   experts: Mapping[str, Mapping[str, torch.Tensor]], alpha: float = 1.0,
-                  common_fraction: float = 0.8, device: Device = None) -> StateDict:
+                  common_fraction: float = 0.8, orientation: str | None = None,
+                  device: Device = None) -> StateDict:
     """θ0 + α·Δ (ISO-CTS), in θ0's dtypes; integer buffers come from θ0."""
-    check_iso_cts({"alpha": alpha, "common_fraction": common_fraction})
-    return add_task_vector(pretrained,
-                           iso_cts_delta(pretrained, experts, common_fraction, device), alpha)
+    check_iso_cts({"alpha": alpha, "common_fraction": common_fraction,
+                   "orientation": orientation})
+    return add_task_vector(pretrained, iso_cts_delta(pretrained, experts, common_fraction,
+                                                     orientation, device), alpha)

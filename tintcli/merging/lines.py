@@ -10,7 +10,9 @@ tau = sum_t tau_t; an entry of residual block l (0-based, of L blocks) is scaled
 alpha + beta * l / (L - 1), every other entry by alpha; theta = theta_0 + scaled tau.
 The reference's multi-task alpha is (||sum_t tau_t||_1 / ||tau_merged||_1) / T, which is
 exactly 1/T for task arithmetic (the merged vector *is* the sum): ``alpha=None``.
-beta is chosen on validation from ``LINES_BETAS`` (average normalised accuracy).
+beta is chosen on validation from ``LINES_BETAS`` by average normalised accuracy, as the
+reference's ``find_optimal_coef(..., metric="avg_normalized_top1")`` (``src/eval/eval_utils.py``)
+over the whole grid.
 
 Residual blocks: the reference tests whether ".{i}." occurs in an open_clip key for
 i = 0..L-1 (``...transformer.resblocks.{i}...``) with L hard-coded as 12 (B/32, B/16) or 24
@@ -65,7 +67,7 @@ def lines_scales(keys: Iterable[str], alpha: float, beta: float) -> dict[str, fl
     return scales
 
 
-def check_lines(params: Mapping[str, object], encoder=None) -> None:
+def check_lines(params: Mapping[str, object], encoder=None, tasks=None) -> None:
     if params.get("alpha") is not None:
         number(params, "alpha")
     number(params, "beta")
@@ -73,7 +75,7 @@ def check_lines(params: Mapping[str, object], encoder=None) -> None:
 
 @register("lines_ta", check=check_lines, pretty="LiNeS w/ TA",
           paper="https://arxiv.org/abs/2410.17146", code="https://github.com/wang-kee/LiNeS",
-          search={"beta": LINES_BETAS})
+          search={"beta": LINES_BETAS}, choose_by="normalized_average")
 def lines_ta_merge(pretrained: Mapping[str, torch.Tensor],
                    experts: Mapping[str, Mapping[str, torch.Tensor]],
                    alpha: float | None = None, beta: float = 0.5) -> StateDict:

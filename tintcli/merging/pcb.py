@@ -53,7 +53,7 @@ from tintcli.merging.task_vectors import mergeable, merged_in_chunks, stacked_ch
 from tintcli.methods import register
 
 
-def check_pcb(params: Mapping[str, object], encoder=None) -> None:
+def check_pcb(params: Mapping[str, object], encoder=None, tasks=None) -> None:
     number(params, "pcb_ratio", 0, 1, must="a fraction in (0, 1]")
     if params.get("pcb_ratio") == 0:
         raise ValueError("pcb_ratio=0 must be a fraction in (0, 1]")

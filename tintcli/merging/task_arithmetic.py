@@ -12,7 +12,7 @@ from tintcli.merging.task_vectors import add_task_vector, task_vector
 from tintcli.methods import register
 
 
-@register("task_arithmetic", check=lambda params, encoder=None: number(params, "lam"),
+@register("task_arithmetic", check=lambda params, *_: number(params, "lam"),
           pretty="Task Arithmetic", paper="https://arxiv.org/abs/2212.04089",
           code="https://github.com/mlfoundations/task_vectors")
 def task_arithmetic_merge(pretrained: Mapping[str, torch.Tensor],

@@ -79,7 +79,7 @@ def ties_task_vectors(vectors: list[Mapping[str, torch.Tensor]],
     return [{key: t[key] * _agrees(t[key], signs[key]) for key in signs} for t in trimmed]
 
 
-def check_ties(params: Mapping[str, object], encoder=None) -> None:
+def check_ties(params: Mapping[str, object], encoder=None, tasks=None) -> None:
     number(params, "top_k", 0, 100, must="a percentage in [0, 100]")
     one_of(params, "merge", ("mean", "sum"))
     number(params, "lam")

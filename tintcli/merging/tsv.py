@@ -5,7 +5,11 @@ Per matrix, each task vector keeps its top k = floor(min(m, n) / T) singular tri
 T blocks of U, of S and of Vᵀ are concatenated, U and Vᵀ are replaced by their polar factors
 (the nearest matrices with orthonormal columns / rows, so the tasks' directions stop
 interfering) and Δ = U⊥ diag(S) V⊥ᵀ. Every other tensor takes the mean of the task vectors.
-θ = θ0 + α·Δ: the authors pick α in {0.1, ..., 3.0} on validation, FusionBench fixes α = 1.
+θ = θ0 + α·Δ: the authors pick α in {0.1, ..., 3.0} on validation by average normalised
+accuracy (``find_optimal_coef(..., metric="avg_normalized_top1")``, ``src/eval/eval_utils.py``;
+the whole grid: their repository has no early stopping), FusionBench fixes α = 1. TSV-M is
+transpose-equivariant (the SVD of τᵀ is V S Uᵀ, and so are the polar factors), so a matrix's
+orientation in the source format does not matter.
 ``tsv_delta`` returns Δ once, so a validation grid over α costs one ``add_task_vector`` a point.
 
 References: FusionBench ``fusion_bench/method/task_singular_vector/utils/TSVM_utils.py``
@@ -50,7 +54,7 @@ from functools import partial
 
 import torch
 
-from tintcli.checks import positive
+from tintcli.checks import device, positive
 from tintcli.errors import TintError
 from tintcli.io import StateDict
 from tintcli.merging.task_vectors import LazyTaskVector, add_task_vector, mergeable
@@ -61,9 +65,11 @@ Device = torch.device | str | None
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(1, 31))
 
 
-def check_tsv(params: Mapping[str, object], encoder=None) -> None:
-    """α must be a finite number > 0 (the authors search 0.1 to 3.0)."""
+def check_tsv(params: Mapping[str, object], encoder=None, tasks=None) -> None:
+    """α must be a finite number > 0 (the authors search 0.1 to 3.0); ``device`` one this
+    machine has (null: where the tensors are)."""
     positive(params, "alpha")
+    device(params, "device")
 
 
 def check_experts(experts: Mapping[str, object], method: str, least: int = 1) -> None:
@@ -181,7 +187,7 @@ def matrix_deltas(pretrained: Mapping[str, torch.Tensor],
 
 @register("tsv_m", check=check_tsv, pretty="TSV-M", paper="https://arxiv.org/abs/2412.00081",
           code="https://github.com/AntoAndGar/task_singular_vectors",
-          search={"alpha": ALPHAS}, delta=tsv_delta)
+          search={"alpha": ALPHAS}, delta=tsv_delta, choose_by="normalized_average")
 def tsv_merge(pretrained: Mapping[str, torch.Tensor],
               experts: Mapping[str, Mapping[str, torch.Tensor]], alpha: float = 1.0,
               device: Device = None) -> StateDict:

@@ -35,6 +35,7 @@ def convert(cfg: DictConfig, console: Console) -> Path:
             save_state_dict(pool.expert(task, pretrained), out / "experts" / f"{task}.safetensors")
             save_state_dict(pool.head(task).state_dict(), out / "heads" / f"{task}.safetensors")
     write_json(out / "pool.json", {"converted_from": OmegaConf.to_container(cfg.pool),
+                                   "source_format": pool.source_format,
                                    "encoder": cfg.encoder.name, "tasks": tasks,
                                    "source_sha256": hashes})
     console.print(f"converted {len(tasks)} task(s) to {out}; use it with pool=local "

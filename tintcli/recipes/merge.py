@@ -58,7 +58,7 @@ def method_runs(method_cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:
 def _params(method_cfg: DictConfig) -> dict[str, Any]:
     """The method's parameters (null: chosen on validation over its ``grid``)."""
     params = OmegaConf.to_container(method_cfg, resolve=True)
-    for key in ("name", "label", "grid"):
+    for key in ("name", "label", "grid", "patience"):
         params.pop(key, None)
     return params
 
@@ -66,6 +66,20 @@ def _params(method_cfg: DictConfig) -> dict[str, Any]:
 def _grid(method_cfg: DictConfig) -> dict[str, Any] | None:
     grid = method_cfg.get("grid")
     return OmegaConf.to_container(grid, resolve=True) if grid is not None else None
+
+
+def _patience(method_cfg: DictConfig) -> Any:
+    """The search's early stopping (null: the whole grid; a method without a search has
+    none)."""
+    return method_cfg.get("patience")
+
+
+def source_oriented(params: dict[str, Any], source_format: str) -> dict[str, Any]:
+    """The parameters with an ``orientation`` left null set to the pool's source format
+    (``tintcli/methods.py``: the methods that are not transpose-equivariant)."""
+    if "orientation" in params and params["orientation"] is None:
+        return {**params, "orientation": source_format}
+    return params
 
 
 def _label(method_cfg: DictConfig) -> str:
@@ -179,7 +193,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
     check_image_size(architecture, cfg.tasks, cfg.encoder)
     for _, label, method_cfg in runs:
         method = check_parameters(method_cfg.name, _params(method_cfg), architecture,
-                                  _grid(method_cfg))
+                                  _grid(method_cfg), tasks, _patience(method_cfg))
         if len(tasks) < method.min_tasks:
             raise TintError(f"{method.pretty} needs at least {method.min_tasks} tasks; "
                             f"tasks={cfg.tasks.name} has {len(tasks)}\n"
@@ -207,6 +221,7 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
         "step_path": bench.runtime.step_path,  # runtime.compile
         "versions": versions(),
         "pool": OmegaConf.to_container(cfg.pool, resolve=True) if "pool" in cfg else None,
+        "layout": layout_record(bench.pool.source_format),
         "checkpoints": bench.pool.checkpoint_hashes(),
         "digests": digest_mode(),  # memo: trusted while (size, mtime, inode) held; full: hashed
         "task_set": describe(cfg.tasks),
@@ -259,6 +274,17 @@ def run(cfg: DictConfig, run_dir: Path, overrides: list[str], console: Console,
     return payload
 
 
+def layout_record(source_format: str) -> dict:
+    """How the pool's checkpoint format stores the matrices that tint's layout stores
+    otherwise, and the rule the methods that are not transpose-equivariant follow."""
+    from tintcli.checkpoints.convert import STORED_TRANSPOSED
+
+    return {"source_format": source_format,
+            "stored_transposed": STORED_TRANSPOSED[source_format],
+            "rule": "methods that are not transpose-equivariant (ISO-CTS) decompose each "
+                    "matrix as the source format stores it (method.orientation: null)"}
+
+
 def rows_to_resume(kept: Path | None, cfg: DictConfig) -> dict[str, dict]:
     """The method rows an interrupted run of this very config left in this run directory
     (a requeued SLURM job, a rerun after Ctrl-C), by method key: they are not computed
@@ -293,7 +319,7 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
                 progress.update(bar, total=1, completed=1,
                                 info=f"avg {100 * earlier[key]['average']:.1f}% (resumed)")
                 continue
-            params = _params(method_cfg)
+            params = source_oriented(_params(method_cfg), bench.pool.source_format)
             method = get_method(method_cfg.name)  # parameters were checked before loading
             extra: dict[str, Any] = {"reference": {"pretty": method.pretty, "row": method.row(
                 params), "paper": method.paper, "code": method.code}}
@@ -331,7 +357,7 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
                 merged = choose(method, *on_device(bench.pretrained, bench.experts,
                                                    bench.device), params,
                                 _grid(method_cfg), lambda m: bench.score_merged(m, "val"),
-                                normalize, on_point)
+                                normalize, on_point, _patience(method_cfg))
                 if cfg.save_merged and merged.per_task:  # no one encoder to keep
                     console.print(f"[yellow]note:[/] {label}: each task runs its own model, "
                                   "so save_merged keeps no merged encoder for it")
