@@ -17,8 +17,12 @@ builds θ = θ0 + α·Δ with FusionBench's ``state_dict_add`` / ``state_dict_mu
 ``tintcli.methods.run``. Both are scored by ``Workbench.score_merged``.
 
 Protocol: for TSV-M, ISO-C and ISO-CTS, α is chosen on the validation split from the
-authors' grid {0.1, ..., 3.0} (``tintcli.merging.tsv.ALPHAS``) by average accuracy (ties: the
-smallest α), then test accuracy is reported; FusionBench's fixed α = 1.0 is reported too.
+authors' grid {0.1, ..., 3.0} (``tintcli.merging.tsv.ALPHAS``) by the method's own metric
+(average normalised accuracy, as tint merge chooses; ties: the smallest α), scoring the
+whole grid on both sides (ISO's early stopping left out, so that every α is compared), then
+test accuracy is reported; FusionBench's fixed α = 1.0 is reported too. FusionBench's
+functions see Hugging Face's orientation of the image projection (``visual_projection``,
+stored as tint stores ``head.weight``), so tint's ISO-CTS runs with ``orientation="hf"``.
 EMR has no parameters. The weight column is max|θ_tint − θ_FB| / max|θ_tint| over every
 entry, at tint's chosen α (EMR: over the eight per-task models).
 
@@ -212,11 +216,13 @@ def compare_alpha_method(bench, fb: SimpleNamespace, name: str, pretty: str,
     from tintcli.merging.task_vectors import add_task_vector
     from tintcli.merging.tsv import ALPHAS
     from tintcli.methods import get_method, run
-    from tintcli.selection import choose
+    from tintcli.selection import choose, metric
 
     pretrained, experts = bench.pretrained, bench.experts
     method = get_method(name)
     val = lambda merged: bench.score_merged(merged, "val")  # noqa: E731
+    normalize = bench.expert_accuracy_on("val")
+    value = lambda accuracy: metric(accuracy, method.choose_by, normalize)  # noqa: E731
 
     # tint: its own protocol (tintcli.selection.choose), one Δ for the grid
     tint = Side()
@@ -225,8 +231,8 @@ def compare_alpha_method(bench, fb: SimpleNamespace, name: str, pretty: str,
     tint.delta_s = time.perf_counter() - start
     start = time.perf_counter()
     chosen = choose(method, pretrained, experts, {"alpha": None, **fixed}, None, val,
-                    on_point=lambda i, n: log(f"{pretty} tint val {i}/{n}") if i % 10 == 0
-                    else None)
+                    normalize, on_point=lambda i, n: log(f"{pretty} tint val {i}/{n}")
+                    if i % 10 == 0 else None, patience=None)
     tint.grid_s = time.perf_counter() - start
     search = chosen.info["search"]
     tint.alpha = float(search["chosen"]["alpha"])
@@ -259,8 +265,8 @@ def compare_alpha_method(bench, fb: SimpleNamespace, name: str, pretty: str,
         else:  # the weights agree to within the tolerance: tint's score at this α
             accuracy = tint.val[alpha]
         side.val[alpha] = accuracy
-        if best is None or average(accuracy) > best:  # ties: the first, as tint's choose
-            side.alpha, best = alpha, average(accuracy)
+        if best is None or value(accuracy) > best:  # ties: the first, as tint's choose
+            side.alpha, best = alpha, value(accuracy)
         if (i + 1) % 10 == 0:
             log(f"{pretty} FusionBench val {i + 1}/{len(ALPHAS)} ({len(side.scored)} scored)")
     side.grid_s = time.perf_counter() - start
@@ -502,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
             bench, fb, "iso_cts", "ISO-CTS",
             lambda tvs: fb.iso_cts(tvs, COMMON_FRACTION, accelerator=accelerator,
                                    exclude_keys=[]),
-            {"common_fraction": COMMON_FRACTION}, args, log),
+            {"common_fraction": COMMON_FRACTION, "orientation": "hf"}, args, log),
     ]
     log("EMR")
     rows.append(compare_emr(bench, fb))

@@ -287,3 +287,10 @@ def test_early_stopping_counts_points_in_a_row_not_above_the_best_average(scaled
     assert stopped["stopping"]["patience"] == 3 and stopped["stopping"]["of"] == 10
     whole = choose(method, *POOL, {"alpha": None}, grid, score).info["search"]
     assert whole["chosen"] == {"alpha": 0.9} and whole["stopping"]["rule"] == "whole grid"
+
+
+def test_a_normalised_choice_without_the_experts_accuracies_is_refused():
+    """Without each task's expert accuracy the normalised average cannot be computed; it
+    fell back to the plain average, which is not the authors' choice."""
+    with pytest.raises(TintError, match="TSV-M chooses alpha by normalised accuracy"):
+        choose(registered()["tsv_m"], *POOL, {"alpha": None}, None, lambda m: {"a": 1.0})

@@ -18,6 +18,7 @@ import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tintcli.errors import TintError
 from tintcli.io import StateDict
 from tintcli.merged import Merged
 from tintcli.merging.task_vectors import add_task_vector
@@ -50,6 +51,9 @@ def choose(method: Method, pretrained: StateDict, experts: Mapping[str, StateDic
         return run(method.name, pretrained, experts, **params)
     fixed = {k: v for k, v in params.items() if k not in grids}
     per_task = {k: grids.pop(k) for k in list(grids) if k in method.per_task}
+    if grids and method.choose_by == "normalized_average" and normalize is None:
+        raise TintError(f"{method.pretty} chooses {', '.join(grids)} by normalised accuracy: "
+                        "give each task's expert accuracy on validation (normalize=)")
     points = [dict(zip(grids, values, strict=True))
               for values in itertools.product(*grids.values())]
     total = sum(len(v) for v in per_task.values()) + (len(points) if grids else 0)
@@ -82,7 +86,7 @@ def choose(method: Method, pretrained: StateDict, experts: Mapping[str, StateDic
         for point in points:
             merged = make(point)
             accuracy = score(merged)
-            value = _metric(accuracy, method.choose_by, normalize)
+            value = metric(accuracy, method.choose_by, normalize)
             trials.append({"params": point, "value": value, "accuracy": accuracy})
             if best_value is None or value > best_value:
                 best, best_value = (point, merged), value
@@ -111,7 +115,7 @@ class EarlyStop:
         """Whether the search stops after this point."""
         if self.patience is None:
             return False
-        average = _metric(accuracy, "average", None)
+        average = metric(accuracy, "average")
         if average > self.best:
             self.best, self.since = average, 0
         else:
@@ -145,9 +149,12 @@ def _choose_per_task(probe: Callable[..., Merged], pretrained: StateDict,
     return chosen, {"grid": list(values), "chosen": chosen, "trials": trials}
 
 
-def _metric(accuracy: Mapping[str, float], metric: str,
-            normalize: Mapping[str, float] | None) -> float:
-    if metric == "normalized_average" and normalize is not None:
+def metric(accuracy: Mapping[str, float], by: str,
+           normalize: Mapping[str, float] | None = None) -> float:
+    """A validation score: the ``average`` accuracy, or the ``normalized_average`` (each task's
+    accuracy over its expert's, ``normalize``) the authors of TSV, ISO, LiNeS and TALL masks
+    choose by."""
+    if by == "normalized_average":
         values = [accuracy[t] / normalize[t] for t in accuracy if normalize.get(t)]
         return sum(values) / max(len(values), 1)
     return sum(accuracy.values()) / max(len(accuracy), 1)

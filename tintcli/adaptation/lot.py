@@ -12,6 +12,11 @@ expert and the merged model on a few unlabeled exemplars per task,
 - biases and LayerNorm shifts (their input is the constant 1): the mean of τt;
 - embeddings (patch embedding, class token, position embedding) and anything else: the mean.
 
+The closed form is defined by each layer's inputs (Xt's columns are the layer's input
+features, whatever the checkpoint format's storage of its weight), so, unlike ISO-CTS, LOT has
+no orientation to follow: CLIP's image projection is the linear layer ``head`` here, its
+inputs the 768 pooled features, as open_clip's ``x @ visual.proj``.
+
 Only the sums Σt XtᵀXt and Σt XtᵀXt τt are kept (float64, one [in, in] and one [in, out] per
 linear layer), accumulated batch by batch as the exemplars pass (no layer input is kept);
 one forward of each expert over its exemplars.
