@@ -127,14 +127,8 @@ def test_a_per_task_outcome_scores_each_task_with_its_own_model(tiny_cache):
                            merged.task_state(bench.tasks[1])["blocks.0.mlp.fc1.weight"])
 
 
-def test_every_data_free_method_merges_a_read_only_view_as_it_merges_a_dict():
-    """On CUDA, ``tint merge`` hands data-free methods ``OnDevice`` views of the CPU-loaded
-    checkpoints (io.on_device). Catches a method that needs a real dict (``.copy()``,
-    ``isinstance(.., dict)``), writes into its inputs, or reads a key the view lacks."""
-    from tintcli.io import OnDevice
-    from tintcli.selection import searched
-
-    generator = torch.Generator().manual_seed(0)
+def _random_pool(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
     shapes = {"cls_token": (1, 1, 8), "pos_embed": (1, 5, 8), "patch_embed.proj.weight":
               (8, 3, 2, 2), "blocks.0.attn.qkv.weight": (24, 8), "blocks.0.attn.qkv.bias": (24,),
               "blocks.0.mlp.fc1.weight": (16, 8), "blocks.1.mlp.fc2.weight": (8, 16),
@@ -142,6 +136,17 @@ def test_every_data_free_method_merges_a_read_only_view_as_it_merges_a_dict():
     pretrained = {k: torch.randn(s, generator=generator) for k, s in shapes.items()}
     experts = {t: {k: v + 0.1 * torch.randn(v.shape, generator=generator)
                    for k, v in pretrained.items()} for t in ("a", "b", "c")}
+    return pretrained, experts
+
+
+def test_every_data_free_method_merges_a_read_only_view_as_it_merges_a_dict():
+    """On CUDA, ``tint merge`` hands data-free methods ``OnDevice`` views of the CPU-loaded
+    checkpoints (io.on_device). Catches a method that needs a real dict (``.copy()``,
+    ``isinstance(.., dict)``), writes into its inputs, or reads a key the view lacks."""
+    from tintcli.io import OnDevice
+    from tintcli.selection import searched
+
+    pretrained, experts = _random_pool()
     before = {t: {k: v.clone() for k, v in e.items()} for t, e in experts.items()}
     for name, method in registered().items():
         if method.adaptive or name.endswith("_for_test"):
@@ -190,18 +195,6 @@ def test_a_per_task_parameter_is_chosen_by_each_tasks_own_validation_then_the_gr
     assert search["per_task"]["lam"]["chosen"] == {"a": 0.2, "b": 0.6}
     assert [t["value"] for t in search["per_task"]["lam"]["trials"]] == [0.2, 0.4, 0.6]
     assert seen == [{"a": 0.2, "b": 0.6}] * 2 and search["chosen"] == {"alpha": 2.0}
-
-
-def _random_pool(seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    shapes = {"cls_token": (1, 1, 8), "pos_embed": (1, 5, 8), "patch_embed.proj.weight":
-              (8, 3, 2, 2), "blocks.0.attn.qkv.weight": (24, 8), "blocks.0.attn.qkv.bias": (24,),
-              "blocks.0.mlp.fc1.weight": (16, 8), "blocks.1.mlp.fc2.weight": (8, 16),
-              "blocks.1.norm1.weight": (8,), "norm.weight": (8,), "head.weight": (4, 8)}
-    pretrained = {k: torch.randn(s, generator=generator) for k, s in shapes.items()}
-    experts = {t: {k: v + 0.1 * torch.randn(v.shape, generator=generator)
-                   for k, v in pretrained.items()} for t in ("a", "b", "c")}
-    return pretrained, experts
 
 
 def test_only_a_method_that_declares_an_orientation_depends_on_how_a_matrix_is_stored():
