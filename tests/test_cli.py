@@ -384,6 +384,13 @@ def test_bench_times_every_adaptation_step_at_the_stand_in_pools_real_sizes(tint
         87_433 * 224 * 224 * 3
     assert models["clip_vit_b32", 3, "fp32"]["test pixels on the device (uint8)"] == \
         120 * 32 * 32 * 3
+    # every method's own memory model (the registry's), printed and recorded
+    from tintcli.methods import registered
+
+    own = {name for name, method in registered().items() if method.memory is not None}
+    assert {"wemoe", "surgery", "prob_surgery"} <= own
+    assert {m["method"] for m in payload["learned_memory_models"]} == own
+    assert "each method's own memory model" in out.stdout
 
 
 def test_bench_times_whole_runs_end_to_end(tint_here, tmp_path):

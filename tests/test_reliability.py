@@ -523,6 +523,26 @@ def test_each_bad_value_is_its_own_line_before_the_zoo_loads(cache, tmp_path, ov
     assert not (cache / "zoo").exists()  # nothing was built or loaded
 
 
+def _with_memory_models() -> list[str]:
+    from tintcli.methods import registered
+
+    return [name for name, method in registered().items() if method.memory is not None]
+
+
+@pytest.mark.parametrize("name", _with_memory_models())
+def test_every_methods_memory_model_is_checked_before_any_work(cache, tmp_path, name):
+    """A method that declares its memory (WEMoE, Surgery, ProbSurgery) is refused before the
+    zoo loads when it cannot fit (here: memory_limit_gib far below the tiny encoder's
+    needs), naming its size; Surgery's model was declared nowhere and never checked."""
+    from tintcli.recipes import merge
+
+    cfg = compose_config(overrides=[f"method={name}", "memory_limit_gib=0.00001"])
+    with pytest.raises(TintError, match=r"needs about [\d.]+ MiB on cpu .* and "
+                                        r"memory_limit_gib=1e-05"):
+        merge.run(cfg, tmp_path / "bad", [], Console(quiet=True))
+    assert not (cache / "zoo").exists()
+
+
 # ------------------------------------- 8. a stopped run, rerun, ends as if never stopped
 
 FAST = ["method=data_free", "+method@method.methods.adamerging_task=adamerging",

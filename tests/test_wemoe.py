@@ -132,10 +132,11 @@ def test_the_memory_model_counts_the_routed_model_and_refuses_what_cannot_fit():
     its size. Catches task vectors counted once instead of per task, or routers left out."""
     from conftest import compose_config
 
-    from tintcli.memory import GiB, check_fits, wemoe_memory
+    from tintcli.adaptation.wemoe import wemoe_memory
+    from tintcli.memory import GiB, check_fits
 
     b32 = compose_config(overrides=["encoder=clip_vit_b32"], tiny=False).encoder
-    model = wemoe_memory(b32, tasks=8)
+    model = wemoe_memory(b32, 8, {"batch_size": 16, "blocks": None})
     mlp = 12 * (2 * 768 * 3072 + 3072 + 768)
     routers_ = 12 * (768 * 768 + 768 + 768 * 8 + 8)
     assert model.parameters == {"encoder": 87_849_216,

@@ -1,5 +1,9 @@
 """How much device memory test-time adaptation needs, term by term (``tint bench`` prints it).
 
+The shared pieces (``MemoryModel``, activations counted on the meta device, the pixels, the
+check against the device) live here; a method whose memory differs from the layer-wise step's
+declares its own model with it (``register(memory=...)``: WEMoE's, Surgery's).
+
 Layer-wise adaptation (AdaMerging, Model Tinting) keeps, on the device:
 
 - theta_0's merged entries, float32: P x 4 bytes (P = the encoder's parameters);
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tintcli.encoders import feature_dim, meta_encoder
+from tintcli.encoders import meta_encoder
 
 GiB = 1024 ** 3
 
@@ -106,39 +110,6 @@ def adaptation_memory(encoder_cfg: DictConfig, tasks: int, batch_size: int = 32,
     return MemoryModel(str(encoder_cfg.name), tasks, batch_size, vectors_dtype, terms)
 
 
-def wemoe_memory(encoder_cfg: DictConfig, tasks: int, batch_size: int = 16,
-                 blocks: list[int] | None = None, vectors_dtype: str = "fp32") -> MemoryModel:
-    """WEMoE's device memory while its routers train (``tintcli/adaptation/wemoe.py``): the
-    encoder outside the routed MLPs; each routed MLP's θ0 and T task vectors; the routers with
-    their gradient and Adam's two moments; the activations of one task's batch through the
-    routed model (each sample's merged MLP weights among them), counted on the meta device.
-    ``parameters`` gives the routed model's size beside the encoder's."""
-    from tintcli.adaptation.wemoe import build_wemoe, routers
-
-    encoder = meta_encoder(encoder_cfg)
-    shapes = {k: v for k, v in encoder.state_dict().items() if v.is_floating_point()}
-    with torch.device("meta"):
-        model = build_wemoe(encoder, shapes, {str(t): shapes for t in range(tasks)}, blocks)
-    routed = routers(model)
-    vector_bytes = 2 if vectors_dtype == "bf16" else 4
-    router_params = sum(p.numel() for m in routed.values() for p in m.router.parameters())
-    mlp_params = sum(b.numel() for m in routed.values() for n, b in m.named_buffers()
-                     if n.startswith("base_"))
-    params = sum(p.numel() for p in encoder.parameters())
-    terms = {
-        "encoder outside the routed MLPs (fp32)": (params - mlp_params) * 4,
-        f"routed MLPs: θ0 + {tasks} task vectors ({vectors_dtype})":
-            mlp_params * 4 + tasks * mlp_params * vector_bytes,
-        "routers + gradient + Adam (4 copies)": 4 * router_params * 4,
-        f"activations (batch {batch_size}, fp32)": activation_bytes(
-            encoder_cfg, batch_size, model, f"wemoe {tasks} tasks, blocks {blocks}"),
-    }
-    out = MemoryModel(str(encoder_cfg.name), tasks, batch_size, vectors_dtype, terms)
-    out.parameters = {"encoder": params,
-                      "routed model": params + tasks * mlp_params + router_params}
-    return out
-
-
 def device_memory(device: torch.device) -> int:
     """Bytes a run can still use on ``device``: CUDA's free memory; on the CPU, the system's
     available memory (MemAvailable), else its physical memory."""
@@ -178,23 +149,3 @@ def check_fits(label: str, model: MemoryModel, device: torch.device,
 def size(nbytes: float) -> str:
     """``2.31 GiB``, ``12.4 MiB``."""
     return f"{nbytes / GiB:.2f} GiB" if nbytes >= GiB / 10 else f"{nbytes / 1024 ** 2:.1f} MiB"
-
-
-def surgery_memory(encoder_cfg: DictConfig, tasks: int, images_per_task: int = 10_000,
-                   width: int = 16, vectors_dtype: str = "fp32") -> MemoryModel:
-    """Surgery's (and ProbSurgery's, ``width`` 128) device memory after its λ are learned: the
-    λ merge it computes the frozen features with (θ0, the task vectors, one merged copy), the
-    frozen encoder's and the experts' features on every adaptation image (fp32), and the
-    adapters with their gradient and Adam's moments. ``images_per_task``: test images."""
-    encoder = meta_encoder(encoder_cfg)
-    params = sum(p.numel() for p in encoder.parameters())
-    dim = feature_dim(encoder_cfg)
-    vector_bytes = 2 if vectors_dtype == "bf16" else 4
-    terms = {
-        "theta_0 + merged theta (fp32)": 2 * params * 4,
-        f"task vectors ({tasks} x {vectors_dtype})": tasks * params * vector_bytes,
-        f"features, merged + experts' ({images_per_task} images/task)":
-            2 * tasks * images_per_task * dim * 4,
-        f"adapters (width {width}) + gradient + Adam": 4 * tasks * 2 * dim * width * 4,
-    }
-    return MemoryModel(str(encoder_cfg.name), tasks, 16, vectors_dtype, terms)

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from safetensors import safe_open
 from torch import nn
 from torch.func import functional_call
@@ -46,8 +47,10 @@ from tintcli.adaptation.run import (
     check_common,
 )
 from tintcli.checks import number, whole
+from tintcli.encoders import feature_dim, meta_encoder
 from tintcli.errors import TintError
 from tintcli.io import EXTRA, StateDict, encoder_entries, load_state_dict
+from tintcli.memory import MemoryModel
 from tintcli.methods import register
 
 
@@ -288,9 +291,37 @@ def _adamerging_lambdas(pretrained: StateDict, experts: Mapping[str, StateDict],
     return values
 
 
+IMAGES_PER_TASK = 10_000  # the memory model's test images per task (SUN397's test set: 19,850)
+
+
+def surgery_memory(encoder_cfg: DictConfig, tasks: int, params: Mapping[str, object],
+                   vectors_dtype: str = "fp32") -> MemoryModel:
+    """Surgery's (and ProbSurgery's) device memory after its λ are learned: the λ merge it
+    computes the frozen features with (θ0, the task vectors, one merged copy), the frozen
+    encoder's and the experts' features on ``IMAGES_PER_TASK`` adaptation images a task
+    (fp32), and the adapters with their gradient and Adam's moments (Surgery's two
+    d x rank matrices, ProbSurgery's three d x hidden)."""
+    encoder = meta_encoder(encoder_cfg)
+    count = sum(p.numel() for p in encoder.parameters())
+    dim = feature_dim(encoder_cfg)
+    vector_bytes = 2 if vectors_dtype == "bf16" else 4
+    adapter = (3 * dim * int(params["hidden"]) if "hidden" in params
+               else 2 * dim * int(params.get("rank") or 16))
+    terms = {
+        "theta_0 + merged theta (fp32)": 2 * count * 4,
+        f"task vectors ({tasks} x {vectors_dtype})": tasks * count * vector_bytes,
+        f"features, merged + experts' ({IMAGES_PER_TASK} images/task)":
+            2 * tasks * IMAGES_PER_TASK * dim * 4,
+        "adapters + gradient + Adam": 4 * tasks * adapter * 4,
+    }
+    batch = int(params.get("batch_size") or 16)
+    return MemoryModel(str(encoder_cfg.name), tasks, batch, vectors_dtype, terms)
+
+
 @register("surgery", adaptive=True, check=check_surgery, pretty="Surgery w/ AdaMerging",
           paper="https://arxiv.org/abs/2402.02705",
-          code="https://github.com/EnnengYang/RepresentationSurgery", trainer=Surgery)
+          code="https://github.com/EnnengYang/RepresentationSurgery", trainer=Surgery,
+          memory=surgery_memory)
 def surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                   context: AdaptationContext, lambdas: str | None = None, rank: int = 16,
                   lr: float = 1e-3, epochs: int = 500, steps_per_task: int = 2,
@@ -313,7 +344,8 @@ def surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
 
 
 @register("prob_surgery", adaptive=True, check=check_surgery, pretty="ProbSurgery w/ AdaMerging",
-          code="https://github.com/1998v7/ProbSurgery", trainer=Surgery)  # ICML 2025
+          code="https://github.com/1998v7/ProbSurgery", trainer=Surgery,  # ICML 2025
+          memory=surgery_memory)
 def prob_surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                        context: AdaptationContext, lambdas: str | None = None,
                        hidden: int = 128, kl_weight: float = 1e-4, lr: float = 1e-3,

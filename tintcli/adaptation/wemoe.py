@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 
 from tintcli.adaptation.losses import entropy
@@ -39,7 +40,9 @@ from tintcli.adaptation.run import (
     check_common,
 )
 from tintcli.checks import number, one_of, whole
+from tintcli.encoders import meta_encoder
 from tintcli.io import StateDict, encoder_entries
+from tintcli.memory import MemoryModel, activation_bytes
 from tintcli.merged import Merged
 from tintcli.merging.task_arithmetic import task_arithmetic_merge
 from tintcli.methods import register
@@ -333,17 +336,42 @@ def check_wemoe(params: Mapping[str, object], encoder: nn.Module | None, tasks=N
             routed_blocks(encoder, blocks)
 
 
-def memory(encoder_cfg, tasks: int, params: Mapping[str, Any], vectors_dtype: str):
-    from tintcli.memory import wemoe_memory
-
-    return wemoe_memory(encoder_cfg, tasks, int(params.get("batch_size") or 16),
-                        params.get("blocks"), vectors_dtype)
+def wemoe_memory(encoder_cfg: DictConfig, tasks: int, params: Mapping[str, Any],
+                 vectors_dtype: str = "fp32") -> MemoryModel:
+    """WEMoE's device memory while its routers train: the encoder outside the routed MLPs;
+    each routed MLP's θ0 and T task vectors; the routers with their gradient and Adam's two
+    moments; the activations of one task's batch through the routed model (each sample's
+    merged MLP weights among them), counted on the meta device. ``parameters`` gives the
+    routed model's size beside the encoder's."""
+    batch_size, blocks = int(params.get("batch_size") or 16), params.get("blocks")
+    encoder = meta_encoder(encoder_cfg)
+    shapes = {k: v for k, v in encoder.state_dict().items() if v.is_floating_point()}
+    with torch.device("meta"):
+        model = build_wemoe(encoder, shapes, {str(t): shapes for t in range(tasks)}, blocks)
+    routed = routers(model)
+    vector_bytes = 2 if vectors_dtype == "bf16" else 4
+    router_params = sum(p.numel() for m in routed.values() for p in m.router.parameters())
+    mlp_params = sum(b.numel() for m in routed.values() for n, b in m.named_buffers()
+                     if n.startswith("base_"))
+    count = sum(p.numel() for p in encoder.parameters())
+    terms = {
+        "encoder outside the routed MLPs (fp32)": (count - mlp_params) * 4,
+        f"routed MLPs: θ0 + {tasks} task vectors ({vectors_dtype})":
+            mlp_params * 4 + tasks * mlp_params * vector_bytes,
+        "routers + gradient + Adam (4 copies)": 4 * router_params * 4,
+        f"activations (batch {batch_size}, fp32)": activation_bytes(
+            encoder_cfg, batch_size, model, f"wemoe {tasks} tasks, blocks {blocks}"),
+    }
+    out = MemoryModel(str(encoder_cfg.name), tasks, batch_size, vectors_dtype, terms)
+    out.parameters = {"encoder": count,
+                      "routed model": count + tasks * mlp_params + router_params}
+    return out
 
 
 @register("wemoe", adaptive=True, check=check_wemoe, pretty="WEMoE",
           paper="https://arxiv.org/abs/2402.00433",
           code="https://github.com/tanganke/weight-ensembling_MoE", trainer=WEMoE,
-          memory=memory)
+          memory=wemoe_memory)
 def wemoe_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                 context: AdaptationContext, blocks: list[int] | None = None,
                 init_lambda: float = 0.3, lr: float = 1e-3, steps: int = 1000,

@@ -486,18 +486,17 @@ def _memory_shapes(cfg: DictConfig, tasks: int, pixels: int = 0
 
 
 def learned_memory_models(cfg: DictConfig, tasks: int) -> list[dict]:
-    """WEMoE's routed model (its parameters beside the encoder's) and Surgery's features and
-    adapters, for this encoder and task count and each ``memory_model`` entry."""
-    from tintcli.memory import surgery_memory, wemoe_memory
-
+    """Each method's own memory model (``register(memory=...)``: WEMoE's routed model, its
+    parameters beside the encoder's; Surgery's features and adapters) at its defaults, for
+    this encoder and task count and each ``memory_model`` entry."""
     out = []
     for encoder_cfg, count, _ in _memory_shapes(cfg, tasks):
         for dtype in ("fp32", "bf16"):
-            for method, model in (("wemoe", wemoe_memory(encoder_cfg, count,
-                                                         vectors_dtype=dtype)),
-                                  ("surgery", surgery_memory(encoder_cfg, count,
-                                                             vectors_dtype=dtype))):
-                out.append({"method": method, "encoder": model.encoder, "tasks": count,
+            for name, method in registered().items():
+                if method.memory is None:
+                    continue
+                model = method.memory(encoder_cfg, count, method.defaults, dtype)
+                out.append({"method": name, "encoder": model.encoder, "tasks": count,
                             "vectors_dtype": dtype, "terms": model.terms,
                             "total": model.total, "parameters": model.parameters})
     return out
@@ -506,10 +505,10 @@ def learned_memory_models(cfg: DictConfig, tasks: int) -> list[dict]:
 def learned_memory_table(models: list[dict]) -> Table:
     from tintcli.memory import GiB
 
-    table = Table(title="WEMoE and Surgery memory model, GiB (tintcli/memory.py)",
+    table = Table(title="each method's own memory model, GiB (register(memory=...))",
                   title_justify="left",
-                  caption="WEMoE: one task's batch of 16 at a time; Surgery: 10,000 test "
-                          "images per task, after its λ are learned")
+                  caption="WEMoE: one task's batch of 16 at a time; Surgery, ProbSurgery: "
+                          "10,000 test images per task, after their λ are learned")
     for column in ("method", "encoder × tasks", "vectors", "parameters (M)", "largest terms",
                    "total"):
         table.add_column(column, justify="right" if column == "total" else "left")
