@@ -287,3 +287,38 @@ def test_a_normalised_choice_without_the_experts_accuracies_is_refused():
     fell back to the plain average, which is not the authors' choice."""
     with pytest.raises(TintError, match="TSV-M chooses alpha by normalised accuracy"):
         choose(registered()["tsv_m"], *POOL, {"alpha": None}, None, lambda m: {"a": 1.0})
+
+
+@pytest.mark.parametrize("preset, adaptive_only", [("all", False), ("learned", True)])
+def test_every_registered_method_has_its_row_in_the_whole_table(preset, adaptive_only):
+    """method=all holds every registered method's reference row (SyMerge's is Model
+    Tinting++'s: the same trainer and numbers), method=learned every adaptive one's: a new
+    method left out of the hand-kept lists fails here, naming it."""
+    from tintcli.methods import get_method
+    from tintcli.recipes.merge import _params
+
+    cfg = compose_config(overrides=[f"method={preset}"]).method
+    rows = {get_method(m.name).row(_params(m)) for m in cfg.methods.values()}
+    wanted = {name: method.row(method.defaults) for name, method in registered().items()
+              if not name.endswith("_for_test") and (method.adaptive or not adaptive_only)}
+    missing = sorted(name for name, row in wanted.items() if row not in rows)
+    assert not missing, f"method={preset} lacks {missing}: add them to conf/method/{preset}.yaml"
+
+
+def test_every_registered_methods_function_is_importable_from_the_package():
+    """``from tintcli import surgery_merge``: the package exports what the registry holds (it
+    exported 2 of the 7 adaptive methods from a hand-kept list), without making a submodule
+    import (``from tintcli import errors``) load torch and every method."""
+    import subprocess
+    import sys
+
+    import tintcli
+
+    for name, method in registered().items():
+        if not name.endswith("_for_test"):
+            assert getattr(tintcli, method.fn.__name__) is method.fn, name
+            assert method.fn.__name__ in dir(tintcli)
+    out = subprocess.run([sys.executable, "-c", "import sys; from tintcli import errors; "
+                          "print('torch' in sys.modules)"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
