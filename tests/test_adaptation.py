@@ -697,3 +697,34 @@ def test_the_compiled_step_learns_what_the_eager_step_learns(on_device):
 
     launched = operations(lambda: compiled_run.step("digits"))
     assert launched < operations(lambda: run.step("digits")) / 2
+
+def test_each_methods_checkpoint_is_keyed_by_every_parameter_it_declares(bench, monkeypatch):
+    """The resume key holds the value of every parameter in the method's signature (they
+    were hand-copied into a dict, so one left out would let a rerun with another value resume
+    a checkpoint made with the first), and names the method (ProbSurgery's was renamed after
+    its trainer was built). The trainers stop at their first step here."""
+    from tintcli.adaptation.run import AdaptationRun
+    from tintcli.methods import registered
+
+    class Stop(Exception):
+        pass
+
+    keys = {}
+
+    def train(self, total, params):
+        keys[self.name] = dict(params)
+        raise Stop
+
+    context = bench.adaptation_context(0)
+    adapt("adamerging", bench.pretrained, bench.experts, context, steps=1)  # Surgery's λ
+    monkeypatch.setattr(AdaptationRun, "train", train)
+    for name, method in registered().items():
+        if not method.adaptive or name == "lot":  # LOT: a closed form, nothing to resume
+            continue
+        keys.clear()
+        with pytest.raises(Stop):
+            adapt(name, bench.pretrained, bench.experts, context)
+        trainer = "tinting" if name == "symerge" else name  # SyMerge is Model Tinting's run
+        assert set(keys) == {trainer}, name
+        declared = registered()[trainer].defaults
+        assert set(keys[trainer]) == set(declared), name

@@ -98,6 +98,14 @@ class Method:
 MERGE_METHODS: dict[str, Method] = {}
 
 
+def declared_values(fn: Callable, scope: Mapping[str, Any]) -> dict[str, Any]:
+    """The values of ``fn``'s declared parameters (those with a default in its signature) in
+    ``scope``, its ``locals()`` on entry: what a method's resume checkpoint is keyed by,
+    read from the one declaration, so no parameter can be left out of the key."""
+    return {p.name: scope[p.name] for p in inspect.signature(fn).parameters.values()
+            if p.default is not inspect.Parameter.empty}
+
+
 def register(name: str, adaptive: bool = False, check: Check | None = None, *,
              pretty: str | None = None, paper: str | None = None, code: str | None = None,
              search: Mapping[str, tuple[float, ...]] | None = None,

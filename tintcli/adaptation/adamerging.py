@@ -24,7 +24,7 @@ from tintcli.adaptation.losses import entropy
 from tintcli.checks import number, one_of, whole
 from tintcli.io import EXTRA, StateDict, encoder_entries
 from tintcli.merging.ties import ties_task_vectors
-from tintcli.methods import register
+from tintcli.methods import declared_values, register
 
 
 class AdaMerging(AdaptationRun):
@@ -116,10 +116,9 @@ def adamerging_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
     ``lam_init``: λ's start (clamped to [0, 1]); Adam (betas 0.9, 0.999) at ``lr`` for
     ``steps``; ``batch_size`` images per task per step (16 in the paper's text, 32 in its
     code)."""
+    params = declared_values(adamerging_merge, locals())
     run = AdaMerging(pretrained, experts, context, granularity, ties_top_k, lam_init, lr,
                      batch_size)
-    params = {"granularity": granularity, "ties_top_k": ties_top_k, "lam_init": lam_init,
-              "lr": lr, "steps": steps, "batch_size": batch_size}
     run.train(steps, params)
     adapted = run.adapted(context.heads, {}, {"unit": "step", "loss": run.curve})
     if _variant(params) == "adamerging":  # layer-wise, plain: what Surgery starts from

@@ -51,7 +51,7 @@ from tintcli.encoders import feature_dim, meta_encoder
 from tintcli.errors import TintError
 from tintcli.io import EXTRA, StateDict, encoder_entries, load_state_dict
 from tintcli.memory import MemoryModel
-from tintcli.methods import register
+from tintcli.methods import declared_values, register
 
 
 class SurgeryAdapter(nn.Module):
@@ -181,6 +181,7 @@ class Surgery(EpochRun):
                  kl_weight: float = 0.0, momentum_all_tasks: bool = True):
         pretrained, vectors = context.task_vectors(pretrained, experts)
         super().__init__(context, pretrained, vectors, "layer", 0.3, batch_size)
+        self.name = "surgery" if hidden is None else "prob_surgery"  # (its checkpoints' key)
         lambdas = lambda_values  # (None: task arithmetic at 0.3, for tint bench alone)
         if lambdas is not None:
             if tuple(lambdas.shape) != tuple(self.merger.raw.shape):
@@ -333,13 +334,11 @@ def surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
     ``shuffle``d each epoch; ``batch_size`` images a step; ``momentum_all_tasks``: Adam moves
     every task's adapter at every step, as the authors' code did under torch 1.x (false: only
     the stepping task's, as torch 2 and FusionBench)."""
+    params = declared_values(surgery_merge, locals())
     values = _adamerging_lambdas(pretrained, experts, context, lambdas)
     run = Surgery(pretrained, experts, context, values, rank, lr, batch_size, steps_per_task,
                   shuffle, momentum_all_tasks=momentum_all_tasks)
-    run.train(epochs * len(run.tasks) * steps_per_task,
-              {"lambdas": lambdas, "rank": rank, "lr": lr, "epochs": epochs,
-               "steps_per_task": steps_per_task, "shuffle": shuffle, "batch_size": batch_size,
-               "momentum_all_tasks": momentum_all_tasks})
+    run.train(epochs * len(run.tasks) * steps_per_task, params)
     return run.result()
 
 
@@ -355,13 +354,10 @@ def prob_surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
     stochastic adapter of ``hidden`` units trained on L1 + ``kl_weight``·KL; the authors'
     schedule, 5 × 100 rounds of one step per task in order (``epochs`` rounds);
     ``momentum_all_tasks`` as for ``surgery`` (the authors pin torch 1.13)."""
+    params = declared_values(prob_surgery_merge, locals())
     values = _adamerging_lambdas(pretrained, experts, context, lambdas)
     run = Surgery(pretrained, experts, context, values, lr=lr, batch_size=batch_size,
                   steps_per_task=1, shuffle=False, hidden=hidden, kl_weight=kl_weight,
                   momentum_all_tasks=momentum_all_tasks)
-    run.name = "prob_surgery"
-    run.train(epochs * len(run.tasks), {"lambdas": lambdas, "hidden": hidden,
-                                        "kl_weight": kl_weight, "lr": lr, "epochs": epochs,
-                                        "batch_size": batch_size,
-                                        "momentum_all_tasks": momentum_all_tasks})
+    run.train(epochs * len(run.tasks), params)
     return run.result()

@@ -35,7 +35,7 @@ from tintcli.adaptation import (
 from tintcli.adaptation.losses import LOSSES, ORACLES, TARGETS
 from tintcli.checks import one_of, whole
 from tintcli.io import StateDict, encoder_entries
-from tintcli.methods import register
+from tintcli.methods import declared_values, register
 
 
 def tintable_modules(encoder: nn.Module) -> list[str]:
@@ -207,10 +207,9 @@ def tinting_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
     ``lam_init``: λ's start; Adam at ``lr`` for λ and the tinted layers; ``epochs`` of one
     step per task, tasks in shuffled order; ``batch_size`` images per step; ``loss``:
     SyMerge's names (losses.py); ``oracle``: allows ``loss=crossgt`` (true labels)."""
+    params = declared_values(tinting_merge, locals())
     run = Tinting(pretrained, experts, context, tint, sampler, lam_init, lr, batch_size, loss)
-    run.train(epochs * len(run.tasks), {"tint": tint, "sampler": sampler, "lam_init": lam_init,
-                                        "lr": lr, "epochs": epochs, "batch_size": batch_size,
-                                        "loss": loss, "oracle": oracle})
+    run.train(epochs * len(run.tasks), params)
     return run.result(run.curve)
 
 

@@ -45,7 +45,7 @@ from tintcli.io import StateDict, encoder_entries
 from tintcli.memory import MemoryModel, activation_bytes
 from tintcli.merged import Merged
 from tintcli.merging.task_arithmetic import task_arithmetic_merge
-from tintcli.methods import register
+from tintcli.methods import declared_values, register
 
 LINEARS = ("fc1", "fc2")  # a timm Mlp: fc1 → act → (norm) → fc2
 EVAL_CHUNK = 64           # samples whose weights are formed at once without autograd
@@ -382,8 +382,8 @@ def wemoe_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
     weight; Adam at ``lr`` for ``steps``, ``schedule`` cosine (the authors) or constant
     (FusionBench); ``batch_size`` images per task per step; ``routing`` while training:
     ``sample`` (the authors) or ``batch`` (FusionBench's mean over the batch)."""
+    params = declared_values(wemoe_merge, locals())
     run = WEMoE(pretrained, experts, context, blocks, init_lambda, lr, steps, batch_size,
                 routing, schedule)
-    run.train(steps, {"blocks": blocks, "init_lambda": init_lambda, "lr": lr, "steps": steps,
-                      "batch_size": batch_size, "routing": routing, "schedule": schedule})
+    run.train(steps, params)
     return run.result()
