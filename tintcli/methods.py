@@ -91,11 +91,18 @@ class Method:
                 for p in parameters}
 
     def row(self, params: Mapping[str, Any]) -> str:
-        """The reference row (PAPER.md's) this configuration is."""
+        """The reference row (the paper's) this configuration is; ``ORACLE`` for one that
+        learns from the true labels."""
         return self.variant(params) if self.variant is not None else self.name
+
+    def is_oracle(self, params: Mapping[str, Any]) -> bool:
+        """Whether this configuration learns from the true labels: never a result, and every
+        table marks it."""
+        return self.row(params) == ORACLE
 
 
 MERGE_METHODS: dict[str, Method] = {}
+ORACLE = "oracle"  # the row of a configuration that learns from the true labels (variant=)
 
 
 def declared_values(fn: Callable, scope: Mapping[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from tintcli.adaptation import (
 from tintcli.adaptation.losses import LOSSES, ORACLES, TARGETS
 from tintcli.checks import one_of, whole
 from tintcli.io import StateDict, encoder_entries
-from tintcli.methods import declared_values, register
+from tintcli.methods import ORACLE, declared_values, register
 
 
 def tintable_modules(encoder: nn.Module) -> list[str]:
@@ -191,7 +191,7 @@ def _labels(context: AdaptationContext) -> dict[str, torch.Tensor]:
 
 def _row(params: Mapping[str, Any]) -> str:
     """The reference row: the paper's Model Tinting / SyMerge row, except an oracle's."""
-    return "oracle" if params.get("loss") in ORACLES else "tinting"
+    return ORACLE if params.get("loss") in ORACLES else "tinting"
 
 
 @register("tinting", adaptive=True, check=check_tinting, pretty="Model Tinting",

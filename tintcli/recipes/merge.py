@@ -323,7 +323,7 @@ def _run_methods(cfg: DictConfig, run_dir: Path, runs: list[tuple[str, str, Dict
             method = get_method(method_cfg.name)  # parameters were checked before loading
             extra: dict[str, Any] = {"reference": {"pretty": method.pretty, "row": method.row(
                 params), "paper": method.paper, "code": method.code}}
-            if extra["reference"]["row"] == "oracle":  # learnt from true labels: never a result
+            if method.is_oracle(params):  # learnt from true labels: never a result
                 label, extra["oracle"] = f"{label} (oracle: true labels)", True
             if method.adaptive:
                 context = context or bench.adaptation_context(cfg.seed)
