@@ -406,7 +406,7 @@ def load_bench(device: str, overrides: list[str]):
 
     from tintcli.methods import register_configs
     from tintcli.paths import CONF_DIR
-    from tintcli.recipes.common import Workbench
+    from tintcli.workbench import Workbench
 
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):

@@ -96,7 +96,7 @@ def test_a_batch_with_nothing_kept_gives_no_loss_and_no_nan():
 def bench(tiny_cache):
     from conftest import compose_config
 
-    from tintcli.recipes.common import Workbench
+    from tintcli.workbench import Workbench
 
     return Workbench.load(compose_config(overrides=["device=cpu"]), Console(quiet=True))
 
@@ -619,7 +619,7 @@ def on_device(request, bench):
         return bench, {"rel": 1e-5, "abs": 1e-6}
     from conftest import compose_config
 
-    from tintcli.recipes.common import Workbench
+    from tintcli.workbench import Workbench
 
     cfg = compose_config(overrides=["device=cuda", "precision=fp32"])
     return Workbench.load(cfg, Console(quiet=True)), {"rel": 1e-4, "abs": 1e-5}

@@ -41,7 +41,7 @@ def test_merge_runs_the_table_and_records_everything(run_tint, tmp_path):
     from conftest import compose_config
     from rich.console import Console
 
-    from tintcli.recipes.common import Workbench
+    from tintcli.workbench import Workbench
 
     bench = Workbench.load(compose_config(overrides=["device=cpu"]), Console(quiet=True))
     for key, row in zip(("weight_averaging", "task_arithmetic", "ties"), results["rows"][2:],

@@ -114,7 +114,7 @@ def test_a_per_task_outcome_scores_each_task_with_its_own_model(tiny_cache):
     state), without knowing which method made it."""
     from rich.console import Console
 
-    from tintcli.recipes.common import Workbench
+    from tintcli.workbench import Workbench
 
     bench = Workbench.load(compose_config(overrides=["device=cpu"]), Console(quiet=True))
     merged = run("emr", bench.pretrained, bench.experts)

@@ -35,7 +35,7 @@ ROUNDS = 12  # 12 rounds x 3 tasks = 36 steps: enough for log σ² to move off z
 def bench(tiny_cache):
     from conftest import compose_config
 
-    from tintcli.recipes.common import Workbench
+    from tintcli.workbench import Workbench
 
     return Workbench.load(compose_config(overrides=["device=cpu"]), Console(quiet=True))
 

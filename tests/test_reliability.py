@@ -261,7 +261,7 @@ def test_experts_built_from_another_pretrained_encoder_are_rebuilt(cache):
     replaced by a valid one with other weights (as a changed recipe would)."""
     from tintcli import cache as tint_cache
     from tintcli.io import load_state_dict, save_state_dict
-    from tintcli.recipes.common import Workbench
+    from tintcli.workbench import Workbench
 
     def realism_verdicts() -> set:
         Workbench.load(compose_config(overrides=["device=cpu"]), Console(quiet=True)).realism()

@@ -21,7 +21,7 @@ from tintcli.methods import adapt, check_parameters
 def bench(tiny_cache):
     from conftest import compose_config
 
-    from tintcli.recipes.common import Workbench
+    from tintcli.workbench import Workbench
 
     return Workbench.load(compose_config(overrides=["device=cpu"]), Console(quiet=True))
 

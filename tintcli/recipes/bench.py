@@ -32,9 +32,9 @@ from tintcli.encoders import build_encoder, resolve_device
 from tintcli.errors import TintError
 from tintcli.io import StateDict, encoder_entries, on_device, write_json
 from tintcli.methods import Method, adapt, check_parameters, get_method, registered
-from tintcli.recipes.common import Workbench
 from tintcli.stand_in import stand_in_checkpoints
 from tintcli.tracking import versions
+from tintcli.workbench import Workbench
 
 TARGET_RATIO = 1.3
 TARGET_EVAL_RATIO = 0.9

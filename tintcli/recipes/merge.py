@@ -31,7 +31,6 @@ from tintcli.io import (
 from tintcli.memory import check_fits
 from tintcli.methods import adapt, check_parameters, get_method
 from tintcli.objective import check_objective
-from tintcli.recipes.common import Workbench
 from tintcli.report import progress_bar, realism_text, results_table
 from tintcli.runtime import check_compile, check_residency, resolve_precision, runtime_options
 from tintcli.selection import choose
@@ -46,6 +45,7 @@ from tintcli.tracking import (
     versions,
     write_results,
 )
+from tintcli.workbench import Workbench
 
 
 def method_runs(method_cfg: DictConfig) -> list[tuple[str, str, DictConfig]]:

@@ -7,8 +7,8 @@ import time
 from omegaconf import DictConfig
 from rich.console import Console
 
-from tintcli.recipes.common import Workbench
 from tintcli.report import realism_text, results_table
+from tintcli.workbench import Workbench
 
 
 def build(cfg: DictConfig, console: Console) -> dict:

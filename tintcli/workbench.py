@@ -1,4 +1,6 @@
-"""What every recipe needs: the zoo's checkpoints, heads and test data, loaded once."""
+"""The run's workbench: the pool's checkpoints, the heads and the test data, loaded once for
+every recipe (`tint merge`, `tint bench`, `tint zoo`) and for Python callers. It is the core
+object the commands share, so it lives beside the pools and the evaluation, not among them."""
 
 from __future__ import annotations
 
