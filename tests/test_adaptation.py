@@ -1,4 +1,4 @@
-"""Test-time adaptive merging (PAPER.md): the lambda merge, the samplers, AdaMerging and
+"""Test-time adaptive merging: the lambda merge, the samplers, AdaMerging and
 Model Tinting, checked against hand computations and on the tiny zoo."""
 
 import copy
@@ -456,7 +456,7 @@ def test_symerge_is_model_tinting_pp_under_its_final_name_and_crossgt_needs_orac
 
 
 def test_a_surgery_adapter_starts_as_the_identity_and_subtracts_its_correction():
-    """z' = z − W_up·ReLU(W_down·z) (PAPER.md), W_up zero at the start. Catches the
+    """z' = z − W_up·ReLU(W_down·z), W_up zero at the start. Catches the
     correction added instead of subtracted, a missing ReLU, or an adapter that does not start
     as the identity."""
     from tintcli.adaptation.surgery import SurgeryAdapter
@@ -505,7 +505,7 @@ def test_surgery_keeps_the_given_lambdas_and_loads_back_with_the_same_accuracies
 
 
 def test_prob_surgery_samples_the_correction_adds_its_kl_and_evaluates_with_the_mean(bench):
-    """ProbSurgery (PAPER.md): training sees z − (μ + ε·σ) with σ = exp(log σ² / 2), the loss
+    """ProbSurgery: training sees z − (μ + ε·σ) with σ = exp(log σ² / 2), the loss
     is L1 + kl_weight·KL(N(μ, σ²) ‖ N(0, I)), evaluation z − μ. Catches σ taken as the
     variance, the KL's sign or weight, or evaluation with a sample instead of the mean."""
     from tintcli.adaptation.surgery import ProbSurgeryAdapter, Surgery, SurgeryHead

@@ -252,7 +252,7 @@ def test_real_size_encoders_have_the_real_towers_keys_and_sizes(encoder):
     visual = sum(p.numel() for p in real.visual.parameters())
     assert visual == params
     assert sum(p.numel() for p in ours.parameters()) == params  # no more, no less
-    assert len(converted) == len(real.visual.state_dict())  # 152 for B/32: PAPER.md
+    assert len(converted) == len(real.visual.state_dict())  # 152 for B/32
     acts = {type(m).__name__ for m in ours.modules()}
     assert "QuickGELU" in acts and "GELU" not in acts
     assert F.gelu is not None

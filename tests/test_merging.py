@@ -1,4 +1,4 @@
-"""Merging methods against results computed by hand (PAPER.md, Data-free merging)."""
+"""Merging methods against results computed by hand (the papers' definitions, Data-free merging)."""
 
 import pytest
 import torch

@@ -1,5 +1,5 @@
 """Consensus TA, PCB-Merging, LiNeS (task arithmetic) and CART against transcriptions of the
-authors' code (PAPER.md, "The comparison methods").
+authors' code (the papers and their code).
 
 Each ORACLE below transcribes the authors' functions (their loops, names and arithmetic; the
 logging, file I/O and evaluation removed) and runs, as theirs does, on an open_clip

@@ -5,7 +5,7 @@ loops and names; prints and device moves dropped), run on random task vectors wi
 shapes at width 256 (one block), T = 8, and planted edge cases: an all-zero task vector,
 rank-2 task vectors, rank-1 task vectors whose sum is rank-deficient, a 6x4 matrix (k = 0 for
 TSV-M: min(m, n) < T), EMR sign-election ties (Σt τt = 0), a zero-delta 2-D text extra and a
-nonzero ``text.text_projection`` (the mean, as the authors and PAPER.md say: the oracles run
+nonzero ``text.text_projection`` (the mean, as the authors' code does: the oracles run
 with FusionBench's ``exclude_keys`` naming it). FusionBench sees open_clip / Hugging Face
 layouts, where timm's (1, N, D) ``pos_embed`` is an (N, D) matrix and the (1, 1, D)
 ``cls_token`` is 1-D: the oracles get the state dicts in that layout.

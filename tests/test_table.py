@@ -1,5 +1,5 @@
 """`tint table` on hand-made results.json files: rows by method and parameters, mean ± std
-over seeds, PAPER.md's numbers only where the setting matches, every output format."""
+over seeds, the paper's numbers only where the setting matches, every output format."""
 
 import csv
 import io
@@ -52,7 +52,7 @@ def test_rows_are_methods_and_parameters_averaged_over_seeds(tmp_path):
     assert ties["mnist"][0] == pytest.approx(0.75)
     assert rows[0]["average"] == (pytest.approx(0.45), pytest.approx(0.0))
     assert rows[3]["params"] == {"lam": 0.5, "top_k": 20}
-    assert ties["paper"] == 72.9  # PAPER.md: TIES, ViT-B/32, 8 tasks, task_vectors
+    assert ties["paper"] == 72.9  # SyMerge's table: TIES, ViT-B/32, 8 tasks, task_vectors
 
 
 @pytest.mark.parametrize(("encoder", "tasks", "pool", "expected"), [

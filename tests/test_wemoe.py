@@ -1,4 +1,4 @@
-"""WEMoE (PAPER.md): the routed MLP against the per-sample merge FusionBench loops over, the
+"""WEMoE: the routed MLP against the per-sample merge FusionBench loops over, the
 routers' start (task arithmetic at 0.3), what trains, the two schedules, saving and loading,
 and the memory model with its refusal."""
 

@@ -417,9 +417,9 @@ def check_head_classes(head: nn.Linear, task: str, expected: int, path: Path,
 def check_experts_beat_zero_shot(accuracies: Mapping[str, tuple[float, float]], pool: str,
                                  refuse: bool = True, console: Console | None = None) -> None:
     """An expert no better than zero-shot on its own task is almost always a wrong
-    task -> checkpoint map (PAPER.md): refuse it, naming the task. With ``refuse=False``
-    (``pool.check_experts=false``: a smoke run whose tiny test split ties) the finding is a
-    warning and the run goes on."""
+    task -> checkpoint map (the papers' users met it): refuse it, naming the task. With
+    ``refuse=False`` (``pool.check_experts=false``: a smoke run whose tiny test split ties)
+    the finding is a warning and the run goes on."""
     for task, (zeroshot, expert) in accuracies.items():
         if expert > zeroshot:
             continue

@@ -1,4 +1,4 @@
-"""AdaMerging (Yang et al., ICLR 2024) and AdaMerging++, as PAPER.md defines them.
+"""AdaMerging (Yang et al., ICLR 2024, https://arxiv.org/abs/2310.02575) and AdaMerging++.
 
 theta = theta_0 + sum_k lambda_k tau_k with one lambda per task (task-wise) or per task and
 parameter tensor (layer-wise), learned on unlabeled test images by minimising the Shannon

@@ -1,6 +1,6 @@
-"""LOT Merging (Sun et al., NeurIPS 2025, arXiv 2505.23859; PAPER.md, "The comparison
-methods"): no training, a closed form per layer that minimises the feature drift between each
-expert and the merged model on a few unlabeled exemplars per task,
+"""LOT Merging (Sun et al., NeurIPS 2025, https://arxiv.org/abs/2505.23859): no training,
+a closed form per layer that minimises the feature drift between each expert and the merged
+model on a few unlabeled exemplars per task,
 
     min_T Σt ‖Xt (θ0 + T) − Xt (θ0 + τt)‖²   (Xt: the layer's inputs in expert t on task t's
                                               exemplars, every token a row)
@@ -22,7 +22,7 @@ linear layer), accumulated batch by batch as the exemplars pass (no layer input 
 one forward of each expert over its exemplars.
 
 The paper's method section and the authors' code (SunWenJu123/model-merging) were not
-available here; the forms above follow PAPER.md and the paper's objective, and are checked
+available here; the forms above follow the paper's abstract and objective, and are checked
 against an independent transcription (``tests/lot_oracle.py``). The number of exemplars per
 task is a parameter (``exemplars``, 64 by default: the paper's reviewers describe 16 to 64).
 """

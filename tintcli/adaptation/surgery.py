@@ -1,6 +1,6 @@
-"""Representation Surgery with AdaMerging (Yang et al., ICML 2024; PAPER.md, "The comparison
-methods"): the layer-wise AdaMerging encoder, frozen, and per task an adapter on its final
-feature z that removes the "representation bias" against that task's expert:
+"""Representation Surgery with AdaMerging (Yang et al., ICML 2024,
+https://arxiv.org/abs/2402.02705): the layer-wise AdaMerging encoder, frozen, and per task an
+adapter on its final feature z that removes the "representation bias" against that task's expert:
 
     z' = z - W_up · ReLU(W_down · z),   W_down: d -> rank (Kaiming-uniform, as nn.Linear),
                                          W_up: rank -> d (zero: z' = z at the start), no bias,

@@ -1,4 +1,4 @@
-"""Model Tinting (arXiv 2412.19098, later "SyMerge"), as PAPER.md defines it.
+"""Model Tinting (https://arxiv.org/abs/2412.19098, later "SyMerge"; code AIM-SKKU/SyMerge).
 
 Layer-wise AdaMerging coefficients plus one trainable task-specific layer per task: by
 default that task's classification head, initialised from its zero-shot head (weight and

@@ -1,6 +1,6 @@
-"""WEMoE, weight-ensembling mixture of experts (Tang et al., ICML 2024; PAPER.md, "The
-comparison methods"): task arithmetic (λ 0.3) everywhere but the MLPs; in every block (or the
-blocks ``blocks`` names) the MLP becomes
+"""WEMoE, weight-ensembling mixture of experts (Tang et al., ICML 2024,
+https://arxiv.org/abs/2402.00433): task arithmetic (λ 0.3) everywhere but the MLPs; in every
+block (or the blocks ``blocks`` names) the MLP becomes
 
     MLP(x; θ0 + Σt wt(x)·τt),   w(x) = mean over tokens of Router(x) ∈ R^T (no softmax),
     Router = Linear(d, d) → ReLU → Linear(d, T), weights N(0, 0.01²), last bias 0.3,

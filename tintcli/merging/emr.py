@@ -1,5 +1,6 @@
-"""EMR-Merging: elect, mask and rescale (Huang et al., 2024; PAPER.md, "The comparison
-methods"). No data and no hyperparameters, but one model per task, not one merged model.
+"""EMR-Merging: elect, mask and rescale (Huang et al., NeurIPS 2024,
+https://arxiv.org/abs/2405.17461). No data and no hyperparameters, but one model per task,
+not one merged model.
 
 - Elect: σ = sign(Σt τt) per entry, a zero sum counting as negative; the unified vector
   τuni = σ ⊙ max over t of |τt| where τt agrees with σ (0 where no task agrees).

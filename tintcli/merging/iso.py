@@ -1,5 +1,5 @@
-"""ISO-C and ISO-CTS, isotropic merging (Marczak et al., 2025; PAPER.md, "The comparison
-methods").
+"""ISO-C and ISO-CTS, isotropic merging (Marczak et al., ICML 2025,
+https://arxiv.org/abs/2502.04959).
 
 ISO-C: per matrix, M = Σt τt = U S Vᵀ and Δ = U·mean(S)·Vᵀ: the same directions as task
 arithmetic with a flat spectrum, so no few dominant directions drown the rest.
@@ -22,7 +22,7 @@ transcription of FusionBench's functions.
 
 Matrices and the rest are told apart as in TSV-M (``tintcli.merging.tsv.matrix_shape``): 2-D
 tensors and timm's (1, N, D) ``pos_embed`` are matrices; 1-D norms and biases, 0-D scalars,
-the 4-D patch embedding and ``text_projection`` (authors, PAPER.md) take the mean; the other
+the 4-D patch embedding and ``text_projection`` (the authors' skip rule) take the mean; the other
 2-D ``text.*`` extras are matrices as in the authors' code (zero task vectors: Δ = 0, no SVD).
 
 Orientation: ISO-CTS is not transpose-equivariant (it removes the common space from the left,

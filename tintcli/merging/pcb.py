@@ -13,7 +13,7 @@ Per task t, over its whole flattened task vector (all float entries of the model
    lower bound too (sign(0) = 0 keeps zeros zero in tau~_t, but not in n_t);
 2. n_t = min-max normalisation of the clipped magnitudes: (clip - low) / (high - low);
 3. balancing beta_t = exp(T * n_t^2) * tanh(tau_t * sum_j sign(tau_j) * n_j); note tau_t is
-   the *raw* task vector in ``pcb.py`` (PAPER.md writes the clipped one);
+   the *raw* task vector in ``pcb.py`` (the paper writes the clipped one);
 4. weights: beta_t clamped below at its order statistic int(d * (1 - pcb_ratio)) (about the
    top ``pcb_ratio`` survive) and min-max normalised: w_t = (clamp(beta_t, thr) - thr) /
    (max beta_t - thr); entries equal to the threshold get weight 0;

@@ -1,4 +1,5 @@
-"""Task arithmetic: theta = theta_0 + lam * sum_k tau_k, lam = 0.3 by default (PAPER.md)."""
+"""Task arithmetic: theta = theta_0 + lam * sum_k tau_k, lam = 0.3 by default (Ilharco et al.,
+ICLR 2023, https://arxiv.org/abs/2212.04089)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TIES-merging (Yadav et al., 2023), exactly as PAPER.md defines it.
+"""TIES-merging (Yadav et al., NeurIPS 2023, https://arxiv.org/abs/2306.01708), as the
+benchmark code (AdaMerging, FusionBench) runs it.
 
 1. trim: per task vector, keep the ``top_k`` % entries of largest magnitude, ranked over the
    whole flattened model, and zero the rest: int(n * k) + 1 entries as the reference code

@@ -1,5 +1,5 @@
-"""TSV-M, task singular vectors merging (Gargiulo et al., 2025; PAPER.md, "The comparison
-methods").
+"""TSV-M, task singular vectors merging (Gargiulo et al., CVPR 2025,
+https://arxiv.org/abs/2412.00081).
 
 Per matrix, each task vector keeps its top k = floor(min(m, n) / T) singular triplets; the
 T blocks of U, of S and of Vᵀ are concatenated, U and Vᵀ are replaced by their polar factors
@@ -27,8 +27,8 @@ Which tensors are matrices (``matrix_shape``):
   dimensions of a tensor of three or more dimensions are dropped first (``cls_token``
   (1, 1, D) becomes open_clip's 1-D ``class_embedding``, a non-matrix).
 - Not matrices, so the mean of τt: 1-D norms and biases, 0-D scalars, the 4-D patch
-  embedding (open_clip's ``conv1``), and any key containing ``text_projection`` (the authors
-  and PAPER.md exclude it; FusionBench decomposes every 2-D tensor unless ``exclude_keys``
+  embedding (open_clip's ``conv1``), and any key containing ``text_projection`` (the authors'
+  code excludes it; FusionBench decomposes every 2-D tensor unless ``exclude_keys``
   names it, which does not matter on its Hugging Face pools, which have no text tower).
 - The other ``text.*`` extras follow the same rule as the authors' code, which sees them
   too: 2-D ``text.token_embedding.weight`` / ``text.positional_embedding`` are matrices,

@@ -1,4 +1,4 @@
-"""Weight averaging: theta = mean_k theta_k (PAPER.md, Data-free merging)."""
+"""Weight averaging: theta = mean_k theta_k (model soups, Wortsman et al., ICML 2022)."""
 
 from __future__ import annotations
 

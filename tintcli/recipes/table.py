@@ -2,7 +2,7 @@
 
 A row is identified by its method and parameters (never by its label), and a row's numbers
 are the mean ± sample std over the runs whose resolved configs differ only in the seed. One
-table per setting (encoder, task set, checkpoint pool); PAPER.md's reference average sits
+table per setting (encoder, task set, checkpoint pool); the papers' reference average sits
 beside each row where the setting is one the papers report, and "not comparable" where it
 is not. Output as a rich table, Markdown, CSV or LaTeX; a lambda sweep also gives an
 accuracy-vs-lambda PNG (test, and validation where the runs scored it).
@@ -27,7 +27,8 @@ from tintcli.io import atomic_write, canonical, fingerprint
 from tintcli.methods import get_method
 from tintcli.report import mean_std
 
-# PAPER.md's reference averages: (encoder, task set, checkpoint pool kind) -> row -> %.
+# The papers' reference averages (SyMerge's table, arXiv 2412.19098; FusionBench's re-run):
+# (encoder, task set, checkpoint pool kind) -> row -> %.
 # task_vectors-style checkpoints: the final-version table; hf: FusionBench's own re-run.
 _FINAL = {  # (B/32 8, 14, 20), (L/14 8, 14, 20)
     "zero-shot": ((48.0, 57.1, 56.0), (64.5, 68.1, 65.1)),
@@ -116,7 +117,7 @@ def find_results(paths: list[str]) -> list[Path]:
 
 
 def _method_key(row: dict) -> str:
-    """The reference row (PAPER.md's) a row reproduces, as its method declares it (results
+    """The paper's reference row a row reproduces, as its method declares it (results
     record it; for older ones the registry says, e.g. AdaMerging++ from its parameters)."""
     if row["kind"] == "reference":
         return row["name"]
@@ -285,7 +286,7 @@ def render(setting: Setting, fmt: str, per_task: bool = True) -> str | Table:
     if fmt == "rich":
         table = Table(title=setting.title, title_justify="left",
                       caption="top-1 accuracy % (test; val: validation), mean ± std over seeds;"
-                              " paper avg: PAPER.md")
+                              " paper avg: SyMerge's table (arXiv 2412.19098)")
         for i, name in enumerate(header):
             table.add_column(name, justify="left" if i == 0 else "right")
         for line in body:
