@@ -1,5 +1,6 @@
-"""Test-time adaptive merging: AdaMerging and Model Tinting (``adamerging.py``,
-``tinting.py``: trainers, registered as methods) and what they share.
+"""Test-time adaptive merging: one file per method (``adamerging.py``, ``tinting.py`` with
+SyMerge, ``surgery.py`` with ProbSurgery, ``wemoe.py``, ``lot.py``: trainers and closed forms,
+registered as methods) and what they share.
 
 An adaptive method learns merging coefficients (and, for Tinting, one task-specific layer per
 task) on unlabeled test images. The pieces here are method-agnostic:

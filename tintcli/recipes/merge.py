@@ -1,9 +1,10 @@
 """`tint merge`: merge the experts, score every task, write results.json, print the table.
 
-Data-free methods merge state dicts; test-time adaptive ones (AdaMerging, Model Tinting)
-first learn on the tasks' unlabeled test images, and also leave their learned lambdas, tinted
-layers and a lambda heatmap (and, with save_merged=true, the merged encoder) under
-``adapted/<method>/`` in the run directory.
+Data-free methods merge state dicts; test-time adaptive ones (AdaMerging, Model Tinting /
+SyMerge, Surgery, ProbSurgery, WEMoE, LOT) first learn on the tasks' unlabeled test images,
+and also leave their learned lambdas, tinted layers, adapters or routers and a lambda heatmap
+(and, with save_merged=true, the merged encoder) under ``adapted/<method>/`` in the run
+directory.
 """
 
 from __future__ import annotations
