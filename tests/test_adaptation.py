@@ -728,3 +728,37 @@ def test_each_methods_checkpoint_is_keyed_by_every_parameter_it_declares(bench, 
         assert set(keys) == {trainer}, name
         declared = registered()[trainer].defaults
         assert set(keys[trainer]) == set(declared), name
+
+
+def _adaptive_methods() -> list[str]:
+    from tintcli.methods import registered
+
+    return [name for name, method in registered().items() if method.adaptive]
+
+
+@pytest.mark.parametrize("name", _adaptive_methods())
+def test_every_adaptive_method_loads_back_with_the_same_accuracies(bench, tmp_path, name):
+    """Whatever a method learns (λ, tinted heads, Surgery's adapters, WEMoE's routers, LOT's
+    closed form), save_adapted writes it and load_adapted rebuilds a model that scores the
+    same on every task: a new method whose outcome saved.py cannot write or read fails here.
+    One short schedule each."""
+    from tintcli.adaptation.saved import load_adapted, save_adapted
+    from tintcli.methods import registered
+
+    short = {k: v for k, v in {"steps": 1, "epochs": 1, "exemplars": 8}.items()
+             if k in registered()[name].defaults}
+    context = bench.adaptation_context(0)
+    if name in ("surgery", "prob_surgery"):  # their λ: a short layer-wise AdaMerging's
+        adapt("adamerging", bench.pretrained, bench.experts, context, steps=1)
+    adapted = adapt(name, bench.pretrained, bench.experts, context, **short)
+    save_adapted(adapted, tmp_path, name)
+    loaded = load_adapted(tmp_path, bench.heads, (bench.encoder, bench.pretrained,
+                                                  bench.experts))
+    assert loaded.tasks == adapted.tasks and loaded.tinted == adapted.tinted, name
+    assert torch.equal(loaded.lambdas, adapted.lambdas), name
+    for task in adapted.heads:  # the learned heads (tinted, or Surgery's adapters) came back
+        ours, theirs = loaded.heads[task].state_dict(), adapted.heads[task].state_dict()
+        assert ours.keys() == theirs.keys(), (name, task)
+        assert all(torch.equal(ours[k], v) for k, v in theirs.items()), (name, task)
+    assert (loaded.model is None) == (adapted.model is None), name  # WEMoE's routed model
+    assert bench.score_merged(loaded) == bench.score_merged(adapted), name

@@ -45,6 +45,21 @@ Check = Callable[[dict, nn.Module | None, Sequence[str] | None], None]
 
 
 @dataclass(frozen=True)
+class Outcome:
+    """How an adaptive method's own learned parts are saved beside its λ and read back
+    (``tintcli/adaptation/saved.py``), named ``tinted`` in ``tints.safetensors``' metadata
+    (and in ``Merged.tinted``): ``head`` rebuilds a task's head from its saved entries
+    (Surgery's adapter with the zero-shot head it feeds); ``save`` gives a routed model's
+    tensors and metadata, ``load(encoder, pretrained, experts, tasks, tensors, metadata)``
+    rebuilds it and its starting state (WEMoE's routers)."""
+
+    tinted: str
+    head: Callable[[StateDict], nn.Module] | None = None
+    save: Callable[[nn.Module], tuple[StateDict, dict[str, str]]] | None = None
+    load: Callable[..., tuple[nn.Module, StateDict]] | None = None
+
+
+@dataclass(frozen=True)
 class Method:
     fn: Callable
     adaptive: bool = False  # learns from unlabeled test images (an AdaptationContext)
@@ -76,6 +91,8 @@ class Method:
     # adaptive: (encoder config, tasks, parameters, vectors dtype) -> its device memory
     # (``tintcli/memory.py``), checked against the device before any work
     memory: Callable[..., Any] | None = None
+    # adaptive: how its own learned parts are saved and loaded back, beyond λ and tinted heads
+    outcome: Outcome | None = None
 
     @property
     def positional(self) -> int:
@@ -121,11 +138,13 @@ def register(name: str, adaptive: bool = False, check: Check | None = None, *,
              choose_by: str = "average", patience: int | None = None,
              trainer: type | None = None, min_tasks: int = 1,
              per_task: Mapping[str, Callable[..., Merged]] | None = None,
-             memory: Callable[..., Any] | None = None) -> Callable[[Callable], Callable]:
+             memory: Callable[..., Any] | None = None,
+             outcome: Outcome | None = None) -> Callable[[Callable], Callable]:
     def add(fn: Callable) -> Callable:
         MERGE_METHODS[name] = Method(fn, adaptive, check, name, pretty or name, paper, code,
                                      dict(search or {}), delta, variant, choose_by, patience,
-                                     trainer, min_tasks, dict(per_task or {}), memory)
+                                     trainer, min_tasks, dict(per_task or {}), memory,
+                                     outcome)
         return fn
 
     return add
@@ -255,6 +274,11 @@ def registered() -> dict[str, Method]:
     """Every method by name."""
     _discover()
     return MERGE_METHODS
+
+
+def outcomes() -> dict[str, Outcome]:
+    """Every declared outcome by the name it is saved under (``Outcome.tinted``)."""
+    return {m.outcome.tinted: m.outcome for m in registered().values() if m.outcome is not None}
 
 
 def register_configs() -> None:

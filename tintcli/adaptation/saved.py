@@ -10,24 +10,28 @@ an ``Adapted`` that scores exactly as the one that was saved.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from safetensors import safe_open
 from torch import nn
 
 from tintcli.adaptation import Adapted
-from tintcli.adaptation.surgery import SurgeryHead
 from tintcli.errors import TintError
 from tintcli.heads import ZeroShotHead
 from tintcli.io import StateDict, load_state_dict, save_state_dict
+from tintcli.methods import outcomes
 from tintcli.plots import lambda_heatmap
 
-# what was tinted -> how a task's saved head is rebuilt (tinted heads; Surgery's adapter on
-# the features, saved with the zero-shot head it feeds)
-HEAD_KINDS = {"head": ZeroShotHead.from_state_dict, "adapter": SurgeryHead.from_state_dict}
 MERGED, LAMBDAS, TINTS, HEATMAP = ("merged.safetensors", "lambdas.safetensors",
                                    "tints.safetensors", "lambdas.png")
+
+
+def head_kinds() -> dict[str, Callable[[StateDict], nn.Module]]:
+    """What was tinted -> how a task's saved head is rebuilt: Model Tinting's tinted zero-shot
+    heads, and each method's own (``register(outcome=...)``: Surgery's adapters)."""
+    return {"head": ZeroShotHead.from_state_dict,
+            **{kind: o.head for kind, o in outcomes().items() if o.head is not None}}
 
 
 def save_adapted(adapted: Adapted, folder: Path, label: str,
@@ -42,15 +46,13 @@ def save_adapted(adapted: Adapted, folder: Path, label: str,
     save_state_dict({"lambdas": adapted.lambdas}, files["lambdas"],
                     {**meta, "layers": json.dumps(adapted.layer_names),
                      "method_name": adapted.method})
-    if adapted.model is not None:  # WEMoE: its routers, by block (the rest is the pool's)
-        from tintcli.adaptation.wemoe import router_state
-
+    if adapted.model is not None:  # a routed model (WEMoE's routers; the rest is the pool's)
         files["tints"] = folder / TINTS
-        routers, extra = router_state(adapted.model)
-        save_state_dict(routers, files["tints"], {**meta, **extra, "tinted": "routers"})
+        tensors, extra = outcomes()[adapted.tinted].save(adapted.model)
+        save_state_dict(tensors, files["tints"], {**meta, **extra, "tinted": adapted.tinted})
     elif adapted.tinted is not None:
         per_task = ({t: head.state_dict() for t, head in adapted.heads.items()}
-                    if adapted.tinted in HEAD_KINDS else adapted.tints)
+                    if adapted.tinted in head_kinds() else adapted.tints)
         tints = {f"{t}.{k}": v for t, entries in per_task.items() for k, v in entries.items()}
         files["tints"] = folder / TINTS
         save_state_dict(tints, files["tints"], {**meta, "tinted": adapted.tinted})
@@ -78,20 +80,20 @@ def load_adapted(folder: Path, heads: Mapping[str, nn.Module],
         tints_meta = _metadata(folder / TINTS)
         tinted = tints_meta["tinted"]
         saved = load_state_dict(folder / TINTS, f"the tints in {folder}")
-        if tinted == "routers":
-            from tintcli.adaptation.wemoe import load_routed
-
+        outcome = outcomes().get(tinted)
+        if outcome is not None and outcome.load is not None:  # a routed model (WEMoE's)
             if pool is None:
-                raise TintError(f"{folder} holds WEMoE's routers: pass the pool they route "
-                                "(encoder, pretrained, experts) to rebuild its model")
+                raise TintError(f"{folder} holds a routed model ({tinted}): pass the pool it "
+                                "routes (encoder, pretrained, experts) to rebuild it")
             lambdas = load_state_dict(folder / LAMBDAS, f"the lambdas in {folder}")["lambdas"]
-            model, start = load_routed(*pool, tasks, saved, tints_meta)
-            return Adapted(meta.get("method_name", "wemoe"), start, out_heads, {}, lambdas,
+            model, start = outcome.load(*pool, tasks, saved, tints_meta)
+            return Adapted(meta.get("method_name", "adapted"), start, out_heads, {}, lambdas,
                            json.loads(meta["layers"]), tasks, {}, tinted, model=model)
         per_task = {t: {k[len(t) + 1:]: v for k, v in saved.items() if k.startswith(f"{t}.")}
                     for t in tasks}
-        if tinted in HEAD_KINDS:
-            out_heads = {t: HEAD_KINDS[tinted](per_task[t]) for t in tasks}
+        rebuild = head_kinds()
+        if tinted in rebuild:
+            out_heads = {t: rebuild[tinted](per_task[t]) for t in tasks}
         else:
             tints = per_task
     lambdas = load_state_dict(folder / LAMBDAS, f"the lambdas in {folder}")["lambdas"]

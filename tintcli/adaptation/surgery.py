@@ -51,7 +51,7 @@ from tintcli.encoders import feature_dim, meta_encoder
 from tintcli.errors import TintError
 from tintcli.io import EXTRA, StateDict, encoder_entries, load_state_dict
 from tintcli.memory import MemoryModel
-from tintcli.methods import declared_values, register
+from tintcli.methods import Outcome, declared_values, register
 
 
 class SurgeryAdapter(nn.Module):
@@ -267,7 +267,7 @@ class Surgery(EpochRun):
         heads = {t: copy.deepcopy(SurgeryHead(self.adapters[t], self.context.head(t))).cpu()
                  .requires_grad_(False) for t in self.tasks}
         return self.adapted(heads, {}, {"unit": "epoch (mean over tasks)", "loss": self.curve},
-                            "adapter")
+                            ADAPTERS.tinted)
 
 
 def _adamerging_lambdas(pretrained: StateDict, experts: Mapping[str, StateDict],
@@ -291,6 +291,9 @@ def _adamerging_lambdas(pretrained: StateDict, experts: Mapping[str, StateDict],
                         f"{context.tasks}")
     return values
 
+
+# each task's adapter is saved with the zero-shot head it feeds, and rebuilt as one head
+ADAPTERS = Outcome("adapter", head=SurgeryHead.from_state_dict)
 
 IMAGES_PER_TASK = 10_000  # the memory model's test images per task (SUN397's test set: 19,850)
 
@@ -322,7 +325,7 @@ def surgery_memory(encoder_cfg: DictConfig, tasks: int, params: Mapping[str, obj
 @register("surgery", adaptive=True, check=check_surgery, pretty="Surgery w/ AdaMerging",
           paper="https://arxiv.org/abs/2402.02705",
           code="https://github.com/EnnengYang/RepresentationSurgery", trainer=Surgery,
-          memory=surgery_memory)
+          memory=surgery_memory, outcome=ADAPTERS)
 def surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                   context: AdaptationContext, lambdas: str | None = None, rank: int = 16,
                   lr: float = 1e-3, epochs: int = 500, steps_per_task: int = 2,
@@ -344,7 +347,7 @@ def surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
 
 @register("prob_surgery", adaptive=True, check=check_surgery, pretty="ProbSurgery w/ AdaMerging",
           code="https://github.com/1998v7/ProbSurgery", trainer=Surgery,  # ICML 2025
-          memory=surgery_memory)
+          memory=surgery_memory, outcome=ADAPTERS)
 def prob_surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                        context: AdaptationContext, lambdas: str | None = None,
                        hidden: int = 128, kl_weight: float = 1e-4, lr: float = 1e-3,

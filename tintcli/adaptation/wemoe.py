@@ -45,7 +45,7 @@ from tintcli.io import StateDict, encoder_entries
 from tintcli.memory import MemoryModel, activation_bytes
 from tintcli.merged import Merged
 from tintcli.merging.task_arithmetic import task_arithmetic_merge
-from tintcli.methods import declared_values, register
+from tintcli.methods import Outcome, declared_values, register
 
 LINEARS = ("fc1", "fc2")  # a timm Mlp: fc1 → act → (norm) → fc2
 EVAL_CHUNK = 64           # samples whose weights are formed at once without autograd
@@ -317,7 +317,7 @@ class WEMoE(AdaptationRun):
         weights = self.mean_weights()
         return Merged(self.name, self.start, lambdas=weights, layer_names=list(self.routed),
                       tasks=self.tasks, loss_curve={"unit": "step", "loss": self.curve},
-                      tinted="routers", model=self.model.cpu())
+                      tinted=ROUTERS.tinted, model=self.model.cpu())
 
 
 def check_wemoe(params: Mapping[str, object], encoder: nn.Module | None, tasks=None) -> None:
@@ -334,6 +334,10 @@ def check_wemoe(params: Mapping[str, object], encoder: nn.Module | None, tasks=N
                              "(null: every block)")
         if encoder is not None:
             routed_blocks(encoder, blocks)
+
+
+# what a WEMoE run saves: its routers by block, rebuilt around the pool's task vectors
+ROUTERS = Outcome("routers", save=router_state, load=load_routed)
 
 
 def wemoe_memory(encoder_cfg: DictConfig, tasks: int, params: Mapping[str, Any],
@@ -371,7 +375,7 @@ def wemoe_memory(encoder_cfg: DictConfig, tasks: int, params: Mapping[str, Any],
 @register("wemoe", adaptive=True, check=check_wemoe, pretty="WEMoE",
           paper="https://arxiv.org/abs/2402.00433",
           code="https://github.com/tanganke/weight-ensembling_MoE", trainer=WEMoE,
-          memory=wemoe_memory)
+          memory=wemoe_memory, outcome=ROUTERS)
 def wemoe_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                 context: AdaptationContext, blocks: list[int] | None = None,
                 init_lambda: float = 0.3, lr: float = 1e-3, steps: int = 1000,
