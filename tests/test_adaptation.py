@@ -322,13 +322,13 @@ class RecordingHead(torch.nn.Module):
 
 
 def test_scoring_an_adapted_model_uses_each_tasks_tinted_head_and_entries(bench):
-    from tintcli.adaptation import Adapted
     from tintcli.evaluation import accuracy
+    from tintcli.merged import Merged
 
     state = task_arithmetic_merge(bench.pretrained, bench.experts, 0.3)
     heads = {t: RecordingHead(h) for t, h in bench.heads.items()}
     tints = {"signs": {"norm.bias": state["norm.bias"] + 1.0}}
-    adapted = Adapted("tinting", state, heads, tints, torch.zeros(1, 3), ["all"], bench.tasks,
+    adapted = Merged("tinting", state, heads, tints, torch.zeros(1, 3), ["all"], bench.tasks,
                       {}, "norm")
     scores = bench.score_merged(adapted)
     encoder = bench.encoder

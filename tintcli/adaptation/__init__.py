@@ -11,7 +11,9 @@ task) on unlabeled test images. The pieces here are method-agnostic:
 - ``LambdaMerger`` (merger.py): theta(lambda) built on the device from stacked task vectors;
 - ``SAMPLERS`` (samplers.py): which pseudo-labelled samples a step learns from;
 - ``AdaptationRun`` (run.py): the base of every trainer, its steps checkpointed;
-- ``Adapted`` (run.py): what a method returns, and what tint scores and saves;
+- ``Merged`` (``tintcli/merged.py``): what every method returns, and what tint scores and
+  saves (``heads``: each task's head, tinted or zero-shot; ``tints``: the encoder entries a
+  task overrides; ``tinted``: what was tinted);
 - ``Checkpoint`` (checkpoints.py): a run's state on disk, so that a stopped run resumes.
 
 The trainers register themselves when ``tintcli.methods`` discovers this package's modules
@@ -23,7 +25,6 @@ from tintcli.adaptation.merger import LambdaMerger
 from tintcli.adaptation.run import (
     AdaptationContext,
     AdaptationRun,
-    Adapted,
     BatchStream,
     EpochRun,
     StepCallback,
@@ -32,6 +33,6 @@ from tintcli.adaptation.run import (
 )
 from tintcli.adaptation.samplers import SAMPLERS, pseudo_label_loss
 
-__all__ = ["AdaptationContext", "AdaptationRun", "Adapted", "BatchStream", "Checkpoint", "EpochRun",
+__all__ = ["AdaptationContext", "AdaptationRun", "BatchStream", "Checkpoint", "EpochRun",
            "LambdaMerger", "SAMPLERS", "StepCallback", "check_common",
            "pseudo_label_loss", "read_losses"]

@@ -17,12 +17,12 @@ from torch import nn
 from tintcli.adaptation import (
     AdaptationContext,
     AdaptationRun,
-    Adapted,
     check_common,
 )
 from tintcli.adaptation.losses import entropy
 from tintcli.checks import number, one_of, whole
 from tintcli.io import EXTRA, StateDict, encoder_entries
+from tintcli.merged import Merged
 from tintcli.merging.ties import ties_task_vectors
 from tintcli.methods import declared_values, register
 
@@ -110,7 +110,7 @@ def _variant(params: Mapping[str, object]) -> str:
 def adamerging_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                      context: AdaptationContext, granularity: str = "layer",
                      ties_top_k: float | None = None, lam_init: float = 0.3, lr: float = 1e-3,
-                     steps: int = 500, batch_size: int = 32) -> Adapted:
+                     steps: int = 500, batch_size: int = 32) -> Merged:
     """``granularity``: one λ per task and parameter tensor (layer) or per task (task);
     ``ties_top_k``: AdaMerging++, TIES-trim (top-k %) and sign-elect the task vectors first;
     ``lam_init``: λ's start (clamped to [0, 1]); Adam (betas 0.9, 0.999) at ``lr`` for

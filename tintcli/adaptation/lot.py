@@ -35,7 +35,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from tintcli.adaptation.run import AdaptationContext, Adapted
+from tintcli.adaptation.run import AdaptationContext
 from tintcli.checks import whole
 from tintcli.io import StateDict, encoder_entries
 from tintcli.merged import Merged
@@ -164,7 +164,7 @@ def check_lot(params: Mapping[str, object], encoder: nn.Module | None, tasks=Non
           paper="https://arxiv.org/abs/2505.23859",
           code="https://github.com/SunWenJu123/model-merging", trainer=LOT)
 def lot_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
-              context: AdaptationContext, exemplars: int = 64) -> Adapted:
+              context: AdaptationContext, exemplars: int = 64) -> Merged:
     """``exemplars``: unlabeled test images per task (drawn with the run's seed) whose layer
     inputs the closed forms are fitted on."""
     state = lot_merge_state(pretrained, experts, context, exemplars)

@@ -2,7 +2,7 @@
 (``AdaptationContext``: the unlabeled images, heads, device, and the experts' outputs on
 those images, computed once), its base class (``AdaptationRun``: lambda over the task
 vectors, a seeded ``BatchStream`` per task, checkpointed steps), its checks (``check_common``,
-``read_losses``) and its outcome (``Adapted``). The trainers (``adamerging.py``,
+``read_losses``) and its outcome (``Merged``). The trainers (``adamerging.py``,
 ``tinting.py``) subclass ``AdaptationRun``.
 """
 
@@ -199,13 +199,6 @@ def read_losses(losses: list[torch.Tensor | float], method: str,
     return values
 
 
-# What an adaptive method returns: the one result type of every method (tintcli/merged.py).
-# ``heads`` hold each task's head (tinted, or the zero-shot one); ``tints`` per task the
-# encoder entries that task overrides; ``tinted`` what was tinted ("head", a module, or None).
-Adapted = Merged
-
-
-
 class AdaptationRun:
     """What every adaptive run holds: lambda over the task vectors, the encoder to run on the
     merged weights, and a seeded batch stream per task. Methods subclass it with their step
@@ -360,11 +353,11 @@ class AdaptationRun:
         self.load_progress(state["progress"])
 
     def adapted(self, heads: Mapping[str, nn.Module], tints: dict[str, StateDict],
-                loss_curve: dict[str, object], tinted: str | None = None) -> Adapted:
+                loss_curve: dict[str, object], tinted: str | None = None) -> Merged:
         """The outcome, on the CPU: merged encoder at the learned lambda, heads and tints."""
         with torch.no_grad():
             state = {k: v.detach().cpu() for k, v in self.merger().items()}
-        return Adapted(self.name, state, dict(heads), tints, self.merger.lambdas().detach().cpu(),
+        return Merged(self.name, state, dict(heads), tints, self.merger.lambdas().detach().cpu(),
                        self.merger.layer_names, self.tasks, loss_curve, tinted)
 
 

@@ -4,7 +4,7 @@
 the lambdas with their layer and task names; ``tints.safetensors`` each task's tinted entries
 (``<task>.<key>``: the head's weight and bias, Surgery's adapter with its head, or the tinted
 encoder module's). Loading gives
-an ``Adapted`` that scores exactly as the one that was saved.
+an ``Merged`` that scores exactly as the one that was saved.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import nn
 
-from tintcli.adaptation import Adapted
 from tintcli.errors import TintError
 from tintcli.heads import ZeroShotHead
 from tintcli.io import StateDict, load_state_dict, save_state_dict
+from tintcli.merged import Merged
 from tintcli.methods import outcomes
 from tintcli.plots import lambda_heatmap
 
@@ -34,7 +34,7 @@ def head_kinds() -> dict[str, Callable[[StateDict], nn.Module]]:
             **{kind: o.head for kind, o in outcomes().items() if o.head is not None}}
 
 
-def save_adapted(adapted: Adapted, folder: Path, label: str,
+def save_adapted(adapted: Merged, folder: Path, label: str,
                  merged: bool = True) -> dict[str, str]:
     """The learned lambdas, the tinted layers, the lambda heatmap and, with ``merged`` (a run's
     ``save_merged=true``: an L/14 encoder is 1.2 GB per method and trial), the merged encoder."""
@@ -68,7 +68,7 @@ def _metadata(path: Path) -> dict[str, str]:
 
 def load_adapted(folder: Path, heads: Mapping[str, nn.Module],
                  pool: tuple[nn.Module, StateDict, Mapping[str, StateDict]] | None = None
-                 ) -> Adapted:
+                 ) -> Merged:
     """What ``save_adapted`` wrote; ``heads`` are the zero-shot heads for untinted tasks.
     ``pool``: (encoder, pretrained, experts), which a routed model (WEMoE) is rebuilt from
     around its saved routers."""
@@ -87,7 +87,7 @@ def load_adapted(folder: Path, heads: Mapping[str, nn.Module],
                                 "routes (encoder, pretrained, experts) to rebuild it")
             lambdas = load_state_dict(folder / LAMBDAS, f"the lambdas in {folder}")["lambdas"]
             model, start = outcome.load(*pool, tasks, saved, tints_meta)
-            return Adapted(meta.get("method_name", "adapted"), start, out_heads, {}, lambdas,
+            return Merged(meta.get("method_name", "adapted"), start, out_heads, {}, lambdas,
                            json.loads(meta["layers"]), tasks, {}, tinted, model=model)
         per_task = {t: {k[len(t) + 1:]: v for k, v in saved.items() if k.startswith(f"{t}.")}
                     for t in tasks}
@@ -101,5 +101,5 @@ def load_adapted(folder: Path, heads: Mapping[str, nn.Module],
         raise TintError(f"{folder} holds no merged encoder ({MERGED})\nRun the method again "
                         "with save_merged=true to keep it.")
     state: StateDict = load_state_dict(folder / MERGED, f"the merged encoder in {folder}")
-    return Adapted(meta.get("method_name", "adapted"), state, out_heads, tints, lambdas,
+    return Merged(meta.get("method_name", "adapted"), state, out_heads, tints, lambdas,
                    json.loads(meta["layers"]), tasks, {}, tinted)

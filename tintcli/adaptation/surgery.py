@@ -42,7 +42,6 @@ from torch.func import functional_call
 
 from tintcli.adaptation.run import (
     AdaptationContext,
-    Adapted,
     EpochRun,
     check_common,
 )
@@ -51,6 +50,7 @@ from tintcli.encoders import feature_dim, meta_encoder
 from tintcli.errors import TintError
 from tintcli.io import EXTRA, StateDict, encoder_entries, load_state_dict
 from tintcli.memory import MemoryModel
+from tintcli.merged import Merged
 from tintcli.methods import Outcome, declared_values, register
 
 
@@ -263,7 +263,7 @@ class Surgery(EpochRun):
         return (f"Surgery step (one task: {task})", len(index),
                 lambda: self.step(task, batch), plain_step)
 
-    def result(self) -> Adapted:
+    def result(self) -> Merged:
         heads = {t: copy.deepcopy(SurgeryHead(self.adapters[t], self.context.head(t))).cpu()
                  .requires_grad_(False) for t in self.tasks}
         return self.adapted(heads, {}, {"unit": "epoch (mean over tasks)", "loss": self.curve},
@@ -330,7 +330,7 @@ def surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                   context: AdaptationContext, lambdas: str | None = None, rank: int = 16,
                   lr: float = 1e-3, epochs: int = 500, steps_per_task: int = 2,
                   shuffle: bool = False, batch_size: int = 16,
-                  momentum_all_tasks: bool = True) -> Adapted:
+                  momentum_all_tasks: bool = True) -> Merged:
     """``lambdas``: a finished AdaMerging run's ``lambdas.safetensors`` (unset: learned here
     first by layer-wise AdaMerging with its defaults); ``rank`` of each adapter; Adam at
     ``lr``; ``epochs`` over the tasks, ``steps_per_task`` steps on each, in a fixed order or
@@ -352,7 +352,7 @@ def prob_surgery_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                        context: AdaptationContext, lambdas: str | None = None,
                        hidden: int = 128, kl_weight: float = 1e-4, lr: float = 1e-3,
                        epochs: int = 500, batch_size: int = 16,
-                       momentum_all_tasks: bool = True) -> Adapted:
+                       momentum_all_tasks: bool = True) -> Merged:
     """ProbSurgery on layer-wise AdaMerging's λ (``lambdas`` as for ``surgery``): per task a
     stochastic adapter of ``hidden`` units trained on L1 + ``kl_weight``·KL; the authors'
     schedule, 5 × 100 rounds of one step per task in order (``epochs`` rounds);

@@ -28,13 +28,13 @@ from torch import nn
 from tintcli.adaptation import (
     SAMPLERS,
     AdaptationContext,
-    Adapted,
     EpochRun,
     check_common,
 )
 from tintcli.adaptation.losses import LOSSES, ORACLES, TARGETS
 from tintcli.checks import one_of, whole
 from tintcli.io import StateDict, encoder_entries
+from tintcli.merged import Merged
 from tintcli.methods import ORACLE, declared_values, register
 
 
@@ -169,7 +169,7 @@ class Tinting(EpochRun):
         return (f"Model Tinting step (one task: {task})", len(batch[0]),
                 lambda: self.step(task, batch), plain_step)
 
-    def result(self, loss_curve: list[float]) -> Adapted:
+    def result(self, loss_curve: list[float]) -> Merged:
         tints = {}
         if self.tint != "head":
             with torch.no_grad():
@@ -201,7 +201,7 @@ def tinting_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                   context: AdaptationContext, tint: str = "head", sampler: str = "all",
                   lam_init: float = 0.3, lr: float = 1e-2, epochs: int = 500,
                   batch_size: int = 32, loss: str = "crosspseudo",
-                  oracle: bool = False) -> Adapted:
+                  oracle: bool = False) -> Merged:
     """``tint``: the tinted layer, each task's head or an encoder module (blocks.3.mlp.fc2);
     ``sampler``: which pseudo-labelled samples count (all; confidence: Tinting++);
     ``lam_init``: λ's start; Adam at ``lr`` for λ and the tinted layers; ``epochs`` of one
@@ -220,7 +220,7 @@ def symerge_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                   context: AdaptationContext, tint: str = "head", sampler: str = "all",
                   lam_init: float = 0.3, lr: float = 1e-2, epochs: int = 500,
                   batch_size: int = 32, loss: str = "crosspseudoconf",
-                  oracle: bool = False) -> Adapted:
+                  oracle: bool = False) -> Merged:
     """SyMerge, the final paper's name for Model Tinting++: the same trainer, the same
     numbers, with its default loss ``crosspseudoconf``."""
     return tinting_merge(pretrained, experts, context, tint, sampler, lam_init, lr, epochs,

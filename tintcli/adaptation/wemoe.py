@@ -36,7 +36,6 @@ from tintcli.adaptation.losses import entropy
 from tintcli.adaptation.run import (
     AdaptationContext,
     AdaptationRun,
-    Adapted,
     check_common,
 )
 from tintcli.checks import number, one_of, whole
@@ -309,7 +308,7 @@ class WEMoE(AdaptationRun):
                 hook.remove()
         return torch.stack([sums[name] / max(count, 1) for name in self.routed])
 
-    def result(self) -> Adapted:
+    def result(self) -> Merged:
         """The routed model (evaluation runs it as the encoder of every task), its learned
         routers, and as ``state`` the encoder at task arithmetic (what lies outside the routed
         MLPs, and the MLPs at the routers' starting weights)."""
@@ -380,7 +379,7 @@ def wemoe_merge(pretrained: StateDict, experts: Mapping[str, StateDict],
                 context: AdaptationContext, blocks: list[int] | None = None,
                 init_lambda: float = 0.3, lr: float = 1e-3, steps: int = 1000,
                 batch_size: int = 16, routing: str = "sample",
-                schedule: str = "cosine") -> Adapted:
+                schedule: str = "cosine") -> Merged:
     """``blocks``: the block indices whose MLPs are routed (null: every block);
     ``init_lambda``: task arithmetic's λ outside the routed MLPs and the routers' starting
     weight; Adam at ``lr`` for ``steps``, ``schedule`` cosine (the authors) or constant
